@@ -1,0 +1,198 @@
+"""One decode step of attention over a mix of quantized and exact tokens, and its certificate.
+
+The computation (binary32, the order the Triton kernel follows):
+    z = fl(fl(q . k_i) * s);  m = max_i z_i;  e_i = exp(z_i - m);  l = sum e_i;  acc = sum e_i v_i;
+    y = acc / l;  output = cast(y)
+and, beside it, the bound of each term of  output - o  (docs/theory.md derives every line):
+
+    output - o = [output - sum p_hat v_hat]   rounding term
+               + sum (p_hat - p) v            key term      <= TV(p, p_hat) * range(v)
+               + sum p (v_hat - v)            value term    <= sum pi eta + TV(p, pi) * range(eta)
+               + sum (p_hat - p)(v_hat - v)   cross term    <= TV(p, p_hat) * 2 max eta
+
+with logit radii eps_i = s * sum_j |q_j| r_ij (quantizer radii r) plus rho_i, the binary32 rounding of
+the logit, and TV bounded by ``certkv.tv.tv_bound`` from the computed weights. Everything is computed
+from Tier-1 data and q alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from certkv.certificate import Certificate
+from certkv.rounding import EXP_ABS, EXP_REL, U32, U64, gamma, inflate
+from certkv.tv import tanh_bound, tv_bound
+
+# Tokens whose weight is below e^-TAIL_GAP of the largest are bounded as a block (float64 exp would
+# underflow): their mass under p and p_hat is at most n_tail * e^(-TAIL_GAP + 2 R_max).
+TAIL_GAP = 690.0
+
+
+@dataclass
+class StepTokens:
+    """All tokens of one layer as one step sees them, in cache order, KV heads unexpanded.
+
+    k, v: binary32 [B, Hkv, n, D], the values the computation uses (dequantized or exact).
+    k_radius, v_radius: binary32 [B, Hkv, n, D], upper bounds on |used-exact dequantized - original|
+    (0 for exact tokens). k_mag: float64 [B, Hkv, n, D] >= |c*s| + |z| (>= |k| for exact tokens):
+    bounds the exact and binary32 key values and the dequantization error (times DEQUANT_REL).
+    v_mag: float64 [B, Hkv, n] >= max_j of |v_hat_ij| and |v_ij used|; v_dq: float64 [B, Hkv, n]
+    >= max_j |binary32 dequantized - exact dequantized| (0 for exact tokens).
+    v_min, v_max: binary32 [B, Hkv, D], the exact range of the originals over all tokens.
+    """
+
+    k: torch.Tensor
+    k_radius: torch.Tensor
+    k_mag: torch.Tensor
+    v: torch.Tensor
+    v_radius: torch.Tensor
+    v_mag: torch.Tensor
+    v_dq: torch.Tensor
+    v_min: torch.Tensor
+    v_max: torch.Tensor
+
+    @staticmethod
+    def exact(k: torch.Tensor, v: torch.Tensor) -> StepTokens:
+        """Tokens known exactly (FP16/BF16 originals): zero radii."""
+        kf, vf = k.float(), v.float()
+        zeros = torch.zeros_like(kf)
+        return StepTokens(
+            k=kf,
+            k_radius=zeros,
+            k_mag=kf.double().abs(),
+            v=vf,
+            v_radius=torch.zeros_like(vf),
+            v_mag=vf.double().abs().amax(-1),
+            v_dq=torch.zeros(vf.shape[:-1], dtype=torch.float64, device=vf.device),
+            v_min=vf.amin(2),
+            v_max=vf.amax(2),
+        )
+
+
+@dataclass
+class StepDetail:
+    """Per-token quantities the ladder needs to pick tokens: weights pi [B, Hkv, G, n] (float64,
+    normalised), logit radii eps + rho [B, Hkv, G, n], and the per-token value radius max_j eta_ij."""
+
+    weights: torch.Tensor
+    radius: torch.Tensor
+    value_radius: torch.Tensor
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def certified_step(
+    q: torch.Tensor, tokens: StepTokens, scale: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, Certificate, StepDetail]:
+    """Attention of q [B, Hkv, G, D] (binary32, exact copies of 16-bit queries) over ``tokens``.
+
+    Returns the output [B, Hkv, G, D] in ``out_dtype``, the certificate (fields [B, Hkv, G]; stage 0,
+    tolerance fields unset) and the per-token detail for the ladder. ``scale`` is taken as an exact
+    real number (the default 1/sqrt(D) is irrational; its binary32 rounding is in the rounding term).
+    """
+    d = q.shape[-1]
+    n = tokens.k.shape[2]
+    s32 = torch.tensor(scale, dtype=torch.float32)
+    s_up = float(s32) * (1 + 2 * U32)  # >= the exact scale, whichever of the two was rounded
+    q32 = q.float()
+    absq = q32.abs()
+
+    # ---- the served computation (binary32) ----
+    z = torch.matmul(q32, tokens.k.transpose(-1, -2)) * s32  # [B, Hkv, G, n]
+    zmax = z.amax(-1, keepdim=True)
+    e = torch.exp(z - zmax)
+    l_sum = e.sum(-1, keepdim=True)
+    acc = torch.matmul(e, tokens.v)  # [B, Hkv, G, D]
+    y = acc / l_sum
+    out = y.to(out_dtype)
+
+    # ---- logit radii: quantization (eps) and binary32 rounding of the logit (rho) ----
+    eps = s_up * torch.matmul(absq.double(), tokens.k_radius.double().transpose(-1, -2)) * inflate(d)
+    qa = torch.matmul(absq.double(), tokens.k_mag.transpose(-1, -2)) * inflate(d)
+    rho = s_up * gamma(d + 5) * qa
+    z64, zmax64 = z.double(), zmax.double()
+    gap = zmax64 - z64  # exact in float64 up to 2^-53 relative
+    tail = gap > TAIL_GAP
+    mass = torch.where(tail, torch.zeros_like(gap), torch.exp(-gap))
+    # float64 exp and subtraction: relative error of each mass taken as a logit radius
+    eta64 = 4 * U64 * (1 + gap)
+    r_p = eps + rho + eta64  # p relative to the computed float64 weights pi
+    r_hat = rho + eta64  # p_hat relative to pi
+    lead = mass.shape[:-1]
+    flat = (-1, n)
+    tv_p = tv_bound(mass.reshape(flat), r_p.reshape(flat)).reshape(lead)
+    tv_h = tv_bound(mass.reshape(flat), r_hat.reshape(flat)).reshape(lead)
+    n_tail = tail.sum(-1).double()
+    r_max = r_p.amax(-1)
+    tail_mass = 2 * n_tail * torch.exp((-TAIL_GAP + 2 * r_max).clamp(max=0.0))
+    tv_pp = (tv_p + tail_mass).clamp(max=1.0)  # TV(p, pi)
+    tv = (tv_p + tv_h + 2 * tail_mass).clamp(max=1.0)  # TV(p, p_hat) <= TV(p, pi) + TV(pi, p_hat)
+    pi = mass / mass.sum(-1, keepdim=True)
+
+    # ---- the three terms, per output coordinate j ----
+    v_range = (tokens.v_max.double() - tokens.v_min.double()).unsqueeze(2)  # [B, Hkv, 1, D]
+    eta = tokens.v_radius.double()
+    eta_max = eta.amax(2).unsqueeze(2)
+    eta_min = eta.amin(2).unsqueeze(2)
+    key_j = tv.unsqueeze(-1) * v_range
+    value_j = torch.matmul(pi, eta) * inflate(n) + tv_pp.unsqueeze(-1) * (eta_max - eta_min)
+    cross_j = tv.unsqueeze(-1) * 2 * eta_max
+
+    # ---- rounding: |output - sum p_hat v_hat| ----
+    alpha = EXP_REL + 1.01 * U32 * gap.clamp(max=110.0).amax(-1)  # [B, Hkv, G]
+    beta = EXP_ABS
+    e64 = e.double()
+    gn = gamma(n)
+    s1 = (e64 * tokens.v_mag.unsqueeze(2)).sum(-1) * inflate(n)
+    s_dq = (e64 * tokens.v_dq.unsqueeze(2)).sum(-1) * inflate(n)
+    s_a = tokens.v_mag.sum(-1).unsqueeze(2) * inflate(n)
+    s_m = e64.sum(-1) * inflate(n)
+    s_w = (s1 + beta * s_a) / (1 - alpha)  # >= sum w_i v_mag_i, w = exact exp(z - m)
+    l_w = (s_m + n * beta) / (1 - alpha)  # >= sum w_i
+    err_num = gn * s1 + s_dq + alpha * s_w + beta * s_a
+    err_den = gn * s_m + alpha * l_w + n * beta
+    l64 = l_sum.double()  # >= 1: the largest token contributes exp(0) = 1
+    y64 = y.double()
+    quotient = (err_num.unsqueeze(-1) + (acc.double().abs() + err_num.unsqueeze(-1)) * err_den.unsqueeze(-1)) / l64
+    division = 1.01 * U32 * y64.abs()
+    cast = (out.double() - y64).abs()
+    # p_hat vs the exact softmax of the computed logits: TV <= tanh(max rho / 2)
+    hat_vs_computed = tanh_bound(rho.amax(-1)).unsqueeze(-1) * (v_range + 2 * eta_max)
+    round_j = (cast + division + quotient + hat_vs_computed) * (1 + 2.0**-40)
+
+    total_j = (key_j + value_j + cross_j + round_j) * (1 + 2.0**-40)
+    zeros = torch.zeros_like(tv)
+    cert = Certificate(
+        tv_bound=tv,
+        key_term=key_j.amax(-1),
+        value_term=value_j.amax(-1),
+        cross_term=cross_j.amax(-1),
+        rounding_term=round_j.amax(-1),
+        output_bound=total_j.amax(-1),
+        stage=torch.zeros(tv.shape, dtype=torch.int64, device=tv.device),
+        tv_tanh=tanh_bound(r_max),
+        logit_radius=r_max,
+        tolerance=zeros,
+        accepted=torch.zeros(tv.shape, dtype=torch.bool, device=tv.device),
+        fetched_values=torch.zeros(tv.shape, dtype=torch.int64, device=tv.device),
+        fetched_keys=torch.zeros(tv.shape, dtype=torch.int64, device=tv.device),
+    )
+    detail = StepDetail(weights=pi, radius=r_p, value_radius=eta.amax(-1))
+    return out, cert, detail
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """certkv's dense FP16 path: the same binary32 computation over exact keys and values.
+
+    q: [B, H_q, 1, D]; k, v: [B, H_kv, n, D]. Stage 3 of the ladder serves exactly this output.
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    out, _, _ = certified_step(qg, StepTokens.exact(k, v), default_scale(d) if scale is None else scale, q.dtype)
+    return out.reshape(b, hq, 1, d)

@@ -1,0 +1,479 @@
+"""``TieredKVCache``: quantized Tier-1 on the cache's device, FP16 originals in Tier-2 on the host.
+
+Tier-1, per layer, in token order: FP16 sink tokens, quantized tokens (keys and values, with their
+16-bit scales and zero points), an FP16 recent window; plus promoted tokens (FP16 copies of
+quantized tokens that kept needing fallback) and the per-channel range of the original values.
+Tier-2: every original key and value row, in pinned host memory when the cache is on CUDA, written
+with non-blocking copies on append and read back by (batch, kv head, token) rows on fallback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from certkv import errors
+from certkv.attention import StepTokens, default_scale
+from certkv.certificate import AttentionResult, Certificate
+from certkv.config import CertConfig
+from certkv.ladder import serve
+from certkv.quant import DEQUANT_REL, QuantizedTensor, quantize
+
+ACCEPTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class MemoryReport:
+    """Bytes held per tier for the tokens appended so far; ``ratio`` = Tier-1 / an FP16 K+V cache."""
+
+    tier1_bytes: int
+    tier2_bytes: int
+    fp16_cache_bytes: int
+    tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return self.tier1_bytes / self.fp16_cache_bytes if self.fp16_cache_bytes else math.nan
+
+
+@dataclass
+class _Layer:
+    dtype: torch.dtype | None = None
+    batch: int = 0
+    length: int = 0
+    sink_k: torch.Tensor | None = None
+    sink_v: torch.Tensor | None = None
+    qk: QuantizedTensor | None = None
+    qv: QuantizedTensor | None = None
+    win_k: torch.Tensor | None = None
+    win_v: torch.Tensor | None = None
+    v_min: torch.Tensor | None = None
+    v_max: torch.Tensor | None = None
+    tier2_k: torch.Tensor | None = None
+    tier2_v: torch.Tensor | None = None
+    fetch_count: torch.Tensor | None = None  # int32 [B, H, n_quantized]
+    promoted: dict[str, torch.Tensor] = field(default_factory=dict)  # idx [B,H,P] (-1 free), k, v [B,H,P,D]
+
+    @property
+    def n_sink(self) -> int:
+        return 0 if self.sink_k is None else int(self.sink_k.shape[2])
+
+    @property
+    def n_quant(self) -> int:
+        return 0 if self.qk is None else self.qk.num_tokens
+
+
+class TieredKVCache:
+    """A KV cache for ``num_layers`` layers of ``num_kv_heads`` heads of size ``head_dim``.
+
+    ``append(layer, k, v)`` adds tokens ([B, H_kv, T, D], float16 or bfloat16); ``attend(layer, q)``
+    serves one decode step for q [B, H_q, 1, D] (H_q a multiple of H_kv) with a certificate per
+    (batch row, query head): bound >= |served - exact attention over the originals| (see
+    ``Certificate``), escalating along the fallback ladder as ``config`` requires.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: CertConfig | None = None,
+        device: torch.device | str | None = None,
+        recorder: Any = None,
+    ) -> None:
+        self.config = config or CertConfig()
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise errors.ConfigError(f"{name}={value!r}: must be a positive integer")
+        cfg = self.config
+        for role, bits, axis, size in (
+            ("key", cfg.key_bits, cfg.key_group_axis, cfg.key_group_size),
+            ("value", cfg.value_bits, cfg.value_group_axis, cfg.value_group_size),
+        ):
+            if head_dim % (8 // bits):
+                raise errors.ConfigError(
+                    f"head_dim={head_dim} is not a multiple of {8 // bits}, needed to pack {role}s at {bits} bits"
+                )
+            if axis == "channel" and head_dim % size:
+                raise errors.ConfigError(f"{role}_group_size={size} does not divide head_dim={head_dim}")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.recorder = recorder
+        self._layers = [_Layer() for _ in range(num_layers)]
+        self._pin = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ validation
+    def _layer(self, layer: int) -> _Layer:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise errors.LayerIndexError(f"layer {layer!r} is out of range: this cache has {self.num_layers} layers")
+        return self._layers[layer]
+
+    def _check(self, name: str, x: Any, heads: int | None, length: int | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise errors.ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise errors.ShapeError(f"{name} must have rank 4 [B, H, T, D], got shape {tuple(x.shape)}")
+        if x.dtype not in ACCEPTED_DTYPES:
+            raise errors.DTypeError(f"{name} has dtype {x.dtype}; certkv accepts float16 or bfloat16")
+        if x.device.type != self.device.type or (self.device.index is not None and x.device != self.device):
+            raise errors.DeviceError(f"{name} is on {x.device} but the cache is on {self.device}")
+        if x.shape[-1] != self.head_dim:
+            raise errors.ShapeError(f"{name} has head_dim {x.shape[-1]}, the cache expects {self.head_dim}")
+        if heads is not None and x.shape[1] != heads:
+            raise errors.HeadMismatchError(f"{name} has {x.shape[1]} heads, the cache has {heads} KV heads")
+        if length is not None and x.shape[2] != length:
+            raise errors.ShapeError(f"{name} has {x.shape[2]} positions, expected {length}")
+        if x.shape[0] < 1 or x.shape[2] < 1:
+            raise errors.ShapeError(f"{name} has an empty batch or token axis: shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise errors.NonFiniteError(f"{name} contains NaN or Inf")
+
+    # ------------------------------------------------------------------ append
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add T >= 1 tokens: k, v [B, H_kv, T, D] of one 16-bit dtype."""
+        st = self._layer(layer)
+        self._check("k", k, self.num_kv_heads, None)
+        self._check("v", v, self.num_kv_heads, k.shape[2])
+        if v.dtype != k.dtype or v.shape[0] != k.shape[0]:
+            raise errors.ShapeError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} disagree")
+        if st.dtype is None:
+            st.dtype, st.batch = k.dtype, k.shape[0]
+        elif k.dtype != st.dtype:
+            raise errors.DTypeError(f"layer {layer} holds {st.dtype} tokens; cannot append {k.dtype}")
+        elif k.shape[0] != st.batch:
+            raise errors.ShapeError(f"layer {layer} has batch {st.batch}; cannot append batch {k.shape[0]}")
+        self._write_tier2(st, k, v)
+        vf = v.float()
+        st.v_min = vf.amin(2) if st.v_min is None else torch.minimum(st.v_min, vf.amin(2))
+        st.v_max = vf.amax(2) if st.v_max is None else torch.maximum(st.v_max, vf.amax(2))
+        take = min(self.config.sinks - st.n_sink, k.shape[2])
+        if take > 0:
+            st.sink_k = _cat(st.sink_k, k[:, :, :take])
+            st.sink_v = _cat(st.sink_v, v[:, :, :take])
+        st.win_k = _cat(st.win_k, k[:, :, take:])
+        st.win_v = _cat(st.win_v, v[:, :, take:])
+        st.length += k.shape[2]
+        self._flush(st)
+
+    def _write_tier2(self, st: _Layer, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = k.shape[2]
+        need = st.length + t
+        if st.tier2_k is None or st.tier2_k.shape[2] < need:
+            cap = max(need, 2 * (0 if st.tier2_k is None else st.tier2_k.shape[2]), 64)
+            shape = (st.batch, self.num_kv_heads, cap, self.head_dim)
+            new_k = torch.empty(shape, dtype=k.dtype, pin_memory=self._pin)
+            new_v = torch.empty(shape, dtype=k.dtype, pin_memory=self._pin)
+            if st.tier2_k is not None and st.tier2_v is not None:
+                new_k[:, :, : st.length] = st.tier2_k[:, :, : st.length]
+                new_v[:, :, : st.length] = st.tier2_v[:, :, : st.length]
+            st.tier2_k, st.tier2_v = new_k, new_v
+        assert st.tier2_k is not None and st.tier2_v is not None
+        st.tier2_k[:, :, st.length : need].copy_(k, non_blocking=self._pin)
+        st.tier2_v[:, :, st.length : need].copy_(v, non_blocking=self._pin)
+
+    def _flush(self, st: _Layer) -> None:
+        """Quantize whole blocks leaving the window (the window keeps >= ``config.window`` tokens)."""
+        cfg = self.config
+        assert st.win_k is not None and st.win_v is not None
+        excess = st.win_k.shape[2] - cfg.window
+        blocks = excess // cfg.block if excess > 0 else 0
+        if blocks == 0:
+            return
+        m = blocks * cfg.block
+        qk = quantize(st.win_k[:, :, :m], cfg.key_bits, cfg.key_group_axis, cfg.key_group_size)
+        qv = quantize(st.win_v[:, :, :m], cfg.value_bits, cfg.value_group_axis, cfg.value_group_size)
+        st.qk = qk if st.qk is None else st.qk.cat(qk)
+        st.qv = qv if st.qv is None else st.qv.cat(qv)
+        st.win_k, st.win_v = st.win_k[:, :, m:].contiguous(), st.win_v[:, :, m:].contiguous()
+        zeros = torch.zeros(st.batch, self.num_kv_heads, m, dtype=torch.int32, device=self.device)
+        st.fetch_count = zeros if st.fetch_count is None else torch.cat([st.fetch_count, zeros], dim=2)
+
+    # ------------------------------------------------------------------ views
+    def seq_len(self, layer: int) -> int:
+        return self._layer(layer).length
+
+    def originals(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tier-2 originals [B, H_kv, n, D] (host tensors)."""
+        st = self._layer(layer)
+        if st.tier2_k is None or st.tier2_v is None:
+            raise errors.EmptyCacheError(f"layer {layer} holds no tokens")
+        if self._pin:
+            torch.cuda.current_stream().synchronize()  # the non-blocking appends have landed
+        return st.tier2_k[:, :, : st.length], st.tier2_v[:, :, : st.length]
+
+    def quantized_span(self, layer: int) -> tuple[int, int]:
+        """[start, end) token indices held quantized (the rest is FP16 in Tier-1)."""
+        st = self._layer(layer)
+        return st.n_sink, st.n_sink + st.n_quant
+
+    def tokens(self, layer: int) -> StepTokens:
+        """Everything one step of ``layer`` sees, from Tier-1 only."""
+        st = self._layer(layer)
+        if st.length == 0:
+            raise errors.EmptyCacheError(f"layer {layer} holds no tokens: append before attend")
+        parts = []
+        if st.sink_k is not None and st.sink_v is not None:
+            parts.append(StepTokens.exact(st.sink_k, st.sink_v))
+        if st.qk is not None and st.qv is not None:
+            k_mag = st.qk.magnitude()
+            v_mag = st.qv.magnitude().amax(-1)
+            parts.append(
+                StepTokens(
+                    k=st.qk.dequantize(),
+                    k_radius=st.qk.radius(),
+                    k_mag=k_mag,
+                    v=st.qv.dequantize(),
+                    v_radius=st.qv.radius(),
+                    v_mag=v_mag * (1 + DEQUANT_REL),
+                    v_dq=v_mag * DEQUANT_REL,
+                    v_min=st.v_min,  # type: ignore[arg-type]
+                    v_max=st.v_max,  # type: ignore[arg-type]
+                )
+            )
+        if st.win_k is not None and st.win_k.shape[2]:
+            parts.append(StepTokens.exact(st.win_k, st.win_v))  # type: ignore[arg-type]
+        fields_ = ("k", "k_radius", "k_mag", "v", "v_radius", "v_mag", "v_dq")
+        merged = StepTokens(
+            **{f: torch.cat([getattr(p, f) for p in parts], dim=2) for f in fields_},
+            v_min=st.v_min,  # type: ignore[arg-type]
+            v_max=st.v_max,  # type: ignore[arg-type]
+        )
+        self._apply_promoted(st, merged)
+        return merged
+
+    def dequantized_exact(self, layer: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """For the exact reference: keys and values as Tier-1 serves them at stage 0, each as float64
+        (codes, scale, zero) [B, H_kv, n, D] whose exact real value is codes * scale + zero (FP16 tokens:
+        codes 0, scale 0, zero the value)."""
+        st = self._layer(layer)
+        if st.length == 0:
+            raise errors.EmptyCacheError(f"layer {layer} holds no tokens")
+
+        def exact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            z = torch.zeros_like(x, dtype=torch.float64)
+            return z, z, x.double()
+
+        out = []
+        for role in ("k", "v"):
+            parts = []
+            if st.n_sink:
+                parts.append(exact(getattr(st, f"sink_{role}")))
+            quant = st.qk if role == "k" else st.qv
+            if quant is not None:
+                parts.append(quant.exact_parts())
+            win = getattr(st, f"win_{role}")
+            if win is not None and win.shape[2]:
+                parts.append(exact(win))
+            c, s, z = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
+            if st.promoted:
+                idx = st.promoted["idx"]
+                b, h, slot = (idx >= 0).nonzero(as_tuple=True)
+                i = idx[b, h, slot] + st.n_sink
+                c[b, h, i], s[b, h, i], z[b, h, i] = 0.0, 0.0, st.promoted[role][b, h, slot].double()
+            out.append((c, s, z))
+        return out[0], out[1]
+
+    def _apply_promoted(self, st: _Layer, tokens: StepTokens) -> None:
+        if not st.promoted:
+            return
+        idx = st.promoted["idx"]
+        b, h, slot = (idx >= 0).nonzero(as_tuple=True)
+        i = idx[b, h, slot] + st.n_sink
+        k, v = st.promoted["k"][b, h, slot].float(), st.promoted["v"][b, h, slot].float()
+        tokens.k[b, h, i], tokens.k_radius[b, h, i], tokens.k_mag[b, h, i] = k, 0.0, k.double().abs()
+        tokens.v[b, h, i], tokens.v_radius[b, h, i] = v, 0.0
+        tokens.v_mag[b, h, i], tokens.v_dq[b, h, i] = v.double().abs().amax(-1), 0.0
+
+    def promoted_count(self, layer: int) -> torch.Tensor:
+        """Promoted tokens per (batch row, KV head), [B, H_kv]."""
+        st = self._layer(layer)
+        if not st.promoted:
+            return torch.zeros(st.batch, self.num_kv_heads, dtype=torch.int64)
+        return self.promoted_count_tensor(st)
+
+    # ------------------------------------------------------------------ attend
+    def attend(self, layer: int, q: torch.Tensor, scale: float | None = None) -> AttentionResult:
+        """One certified decode step of ``layer`` for q [B, H_q, 1, D]."""
+        st = self._layer(layer)
+        self._check("q", q, None, 1)
+        if st.length == 0:
+            raise errors.EmptyCacheError(f"layer {layer} holds no tokens: append before attend")
+        b, hq, _, d = q.shape
+        if b != st.batch:
+            raise errors.ShapeError(f"q has batch {b}, layer {layer} holds batch {st.batch}")
+        if hq % self.num_kv_heads:
+            raise errors.HeadMismatchError(
+                f"q has {hq} heads, not a multiple of the cache's {self.num_kv_heads} KV heads"
+            )
+        if scale is None:
+            scale = default_scale(d)
+        elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise errors.ConfigError(f"scale={scale!r}: must be a finite positive number")
+        g = hq // self.num_kv_heads
+        qg = q.reshape(b, self.num_kv_heads, g, d)
+        tokens = self.tokens(layer)
+        outcome = serve(
+            qg,
+            tokens,
+            float(scale),
+            self.config,
+            lambda bi, hi, ti: self._fetch_rows(st, bi, hi, ti),
+            lambda bi, hi: self._fetch_dense(st, bi, hi),
+        )
+        self._count_fetches(st, outcome.rows_stage1 | outcome.rows_stage2)
+        output = outcome.output.reshape(b, hq, 1, d)
+        cert = Certificate(**{k: v.reshape(b, hq, 1) for k, v in outcome.certificate.to_dict().items()})
+        result = AttentionResult(output, cert, outcome.rows_stage1, outcome.rows_stage2)
+        if self.config.self_check:
+            self._self_check(layer, q, float(scale), result)
+        if self.config.strict:
+            _raise_if_rejected(layer, cert)
+        if self.recorder is not None:
+            self.recorder.record(self, layer, q, float(scale), result)
+        return result
+
+    def _fetch_rows(
+        self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert st.tier2_k is not None and st.tier2_v is not None
+        bc, hc, tc = b.cpu(), h.cpu(), t.cpu()
+        k = st.tier2_k[bc, hc, tc].to(self.device, non_blocking=self._pin)
+        v = st.tier2_v[bc, hc, tc].to(self.device, non_blocking=self._pin)
+        return k, v
+
+    def _fetch_dense(self, st: _Layer, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert st.tier2_k is not None and st.tier2_v is not None
+        bc, hc = b.cpu(), h.cpu()
+        k = st.tier2_k[bc, hc, : st.length].unsqueeze(1).to(self.device, non_blocking=self._pin)
+        v = st.tier2_v[bc, hc, : st.length].unsqueeze(1).to(self.device, non_blocking=self._pin)
+        return k, v
+
+    def _count_fetches(self, st: _Layer, fetched: torch.Tensor) -> None:
+        """Adaptive precision: quantized tokens fetched ``promote_after`` times move to FP16 in Tier-1."""
+        if st.fetch_count is None or self.config.promote_budget == 0:
+            return
+        lo, hi = st.n_sink, st.n_sink + st.n_quant
+        st.fetch_count += fetched[:, :, lo:hi].to(torch.int32)
+        ready = st.fetch_count >= self.config.promote_after
+        if st.promoted:
+            ready &= ~self._promoted_mask(st)
+        if not bool(ready.any()):
+            return
+        want = int(ready.sum(-1).max()) + (self.promoted_count_tensor(st).max().item() if st.promoted else 0)
+        self._grow_promoted(st, min(self.config.promote_budget, int(want)))
+        idx = st.promoted["idx"]
+        for b, h in ready.any(-1).nonzero().tolist():
+            free = (idx[b, h] < 0).nonzero().flatten()
+            cand = ready[b, h].nonzero().flatten()[: len(free)]
+            if len(cand) == 0:
+                continue
+            slots = free[: len(cand)]
+            rows = torch.tensor([b] * len(cand)), torch.tensor([h] * len(cand)), (cand + lo).cpu()
+            k, v = self._fetch_rows(st, *rows)
+            idx[b, h, slots] = cand
+            st.promoted["k"][b, h, slots] = k
+            st.promoted["v"][b, h, slots] = v
+
+    def promoted_count_tensor(self, st: _Layer) -> torch.Tensor:
+        return (st.promoted["idx"] >= 0).sum(-1)
+
+    def _grow_promoted(self, st: _Layer, slots: int) -> None:
+        """Promoted-token storage grows by doubling up to the budget: Tier-1 holds no idle budget."""
+        have = st.promoted["idx"].shape[2] if st.promoted else 0
+        if slots <= have:
+            return
+        size = min(self.config.promote_budget, max(slots, 2 * have, 8))
+        shape = (st.batch, self.num_kv_heads, size)
+        grown = {
+            "idx": torch.full(shape, -1, dtype=torch.int64, device=self.device),
+            "k": torch.zeros((*shape, self.head_dim), dtype=st.dtype, device=self.device),
+            "v": torch.zeros((*shape, self.head_dim), dtype=st.dtype, device=self.device),
+        }
+        for name, old in st.promoted.items():
+            grown[name][:, :, :have] = old
+        st.promoted = grown
+
+    def _promoted_mask(self, st: _Layer) -> torch.Tensor:
+        assert st.fetch_count is not None
+        mask = torch.zeros_like(st.fetch_count, dtype=torch.bool)
+        idx = st.promoted["idx"]
+        b, h, s = (idx >= 0).nonzero(as_tuple=True)
+        mask[b, h, idx[b, h, s]] = True
+        return mask
+
+    def _self_check(self, layer: int, q: torch.Tensor, scale: float, result: AttentionResult) -> None:
+        """float64 recomputation from Tier-2; raises if |served - o| exceeds the bound.
+
+        float64 is not exact: the comparison allows 2^-40 relative of the value range, far below
+        any bound (documented in docs/theory.md)."""
+        k, v = self.originals(layer)
+        g = q.shape[1] // self.num_kv_heads
+        kq, vq = k.double().to(self.device).repeat_interleave(g, 1), v.double().to(self.device).repeat_interleave(g, 1)
+        w = torch.softmax(scale * torch.matmul(q.double(), kq.transpose(-1, -2)), dim=-1)
+        o = torch.matmul(w, vq)
+        err = (result.output.double() - o).abs().amax(-1)
+        slack = 2.0**-40 * (1 + vq.abs().amax((-1, -2)).unsqueeze(-1))
+        bad = err > result.certificate.output_bound + slack
+        if bool(bad.any()):
+            bi, hi, _ = bad.nonzero()[0].tolist()
+            raise errors.CertificationError(
+                f"self-check: layer {layer} batch {bi} head {hi}: |served - o| = {err[bi, hi, 0].item():.3e} "
+                f"exceeds the certified bound {result.certificate.output_bound[bi, hi, 0].item():.3e}",
+                {"layer": layer, "batch": bi, "head": hi},
+            )
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self) -> MemoryReport:
+        tier1 = tier2 = fp16 = tokens = 0
+        for st in self._layers:
+            if st.length == 0:
+                continue
+            tensors = [st.sink_k, st.sink_v, st.win_k, st.win_v, st.v_min, st.v_max, *st.promoted.values()]
+            tier1 += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            tier1 += sum(qt.nbytes() for qt in (st.qk, st.qv) if qt is not None)
+            unit = st.batch * self.num_kv_heads * self.head_dim * 2
+            tier2 += 2 * st.length * unit
+            fp16 += 2 * st.length * unit
+            tokens += st.length
+        return MemoryReport(tier1, tier2, fp16, tokens)
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous() if a is None else torch.cat([a, b], dim=2)
+
+
+def _raise_if_rejected(layer: int, cert: Certificate) -> None:
+    bad = ~cert.accepted
+    if bool(bad.any()):
+        bi, hi, _ = bad.nonzero()[0].tolist()
+        raise errors.CertificationError(
+            f"strict: layer {layer} batch {bi} head {hi} served at stage {int(cert.stage[bi, hi, 0])} with "
+            f"output bound {cert.output_bound[bi, hi, 0].item():.3e} "
+            f"(tolerance {cert.tolerance[bi, hi, 0].item():.3e}) "
+            f"and TV bound {cert.tv_bound[bi, hi, 0].item():.3e}",
+            {
+                "layer": layer,
+                "batch": bi,
+                "head": hi,
+                "stage": int(cert.stage[bi, hi, 0]),
+                "output_bound": cert.output_bound[bi, hi, 0].item(),
+                "tolerance": cert.tolerance[bi, hi, 0].item(),
+                "tv_bound": cert.tv_bound[bi, hi, 0].item(),
+            },
+        )
+
+
+def certified_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: CertConfig | None = None, scale: float | None = None
+) -> AttentionResult:
+    """One shot: quantize k, v [B, H_kv, n, D] into a fresh single-layer cache and attend with q."""
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise errors.ShapeError(f"k must be a rank-4 tensor [B, H_kv, n, D], got {getattr(k, 'shape', type(k))}")
+    cache = TieredKVCache(1, k.shape[1], k.shape[-1], config=config, device=k.device)
+    cache.append(0, k, v)
+    return cache.attend(0, q, scale=scale)

@@ -1,0 +1,94 @@
+"""``CertConfig``: quantization layout, tolerances and the fallback ladder, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from certkv.errors import ConfigError
+
+GroupAxis = Literal["token", "channel"]
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class CertConfig:
+    """Everything that decides what a step may serve.
+
+    Quantization (Tier-1):
+      ``key_bits``/``value_bits``: 8, 4 or 2 (asymmetric uniform; 4 and 2 are bit-packed).
+      ``key_group_axis``: ``"token"`` groups ``key_group_size`` consecutive tokens of one channel
+      (per-channel scales, the layout that tames outlier key channels); ``"channel"`` groups
+      ``key_group_size`` channels of one token (per-token scales). Same for values.
+      ``window``: the most recent ``window`` tokens (and up to one block more) stay FP16, so a
+      partially filled token group is never quantized and never re-quantized.
+      ``sinks``: the first ``sinks`` tokens stay FP16 (attention sinks).
+
+    Tolerances (per batch row, query head and step): a step is served at the lowest stage whose
+    certificate satisfies ``tv_bound <= tv_tol`` and
+    ``output_bound <= out_tol + out_rtol * max_j |output_j|``.
+
+    Ladder: stage 0 quantized, 1 FP16 values for the tokens carrying the value error, 2 FP16 keys
+    for the tokens carrying the key error, 3 dense FP16 from Tier-2. ``max_stage`` caps it
+    (``max_stage=0`` disables fallback; the certificate is still computed and reported).
+    ``fetch_fraction`` caps the tokens one head may fetch at stages 1 and 2 (beyond it, stage 3
+    is cheaper). Tokens fetched ``promote_after`` times are promoted to FP16 in Tier-1, at most
+    ``promote_budget`` tokens per (batch row, KV head, layer).
+
+    ``strict``: raise ``CertificationError`` when the served bound exceeds tolerance.
+    ``self_check``: recompute every step in float64 from Tier-2 and raise if a bound is violated
+    (a debugging aid: it reads the originals, which certification never does).
+    """
+
+    key_bits: int = 8
+    value_bits: int = 4
+    key_group_axis: GroupAxis = "token"
+    key_group_size: int = 128
+    value_group_axis: GroupAxis = "channel"
+    value_group_size: int = 64
+    window: int = 128
+    sinks: int = 4
+    tv_tol: float = 0.05
+    out_tol: float = 0.02
+    out_rtol: float = 0.05
+    max_stage: int = 3
+    fetch_fraction: float = 0.25
+    promote_after: int = 3
+    promote_budget: int = 256
+    strict: bool = False
+    self_check: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: supported bit widths are {SUPPORTED_BITS}")
+        for name in ("key_group_axis", "value_group_axis"):
+            if getattr(self, name) not in ("token", "channel"):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be 'token' or 'channel'")
+        for name in ("key_group_size", "value_group_size"):
+            size = getattr(self, name)
+            if not isinstance(size, int) or size < 1:
+                raise ConfigError(f"{name}={size!r}: must be a positive integer")
+        for name in ("window", "sinks", "promote_budget"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a non-negative integer")
+        if not isinstance(self.promote_after, int) or self.promote_after < 1:
+            raise ConfigError(f"promote_after={self.promote_after!r}: must be a positive integer")
+        for name in ("tv_tol", "out_tol", "out_rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value == value and value != float("inf")):
+                raise ConfigError(f"{name}={value!r}: must be a finite non-negative number")
+        if self.max_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"max_stage={self.max_stage!r}: must be 0, 1, 2 or 3")
+        if not 0.0 < self.fetch_fraction <= 1.0:
+            raise ConfigError(f"fetch_fraction={self.fetch_fraction!r}: must be in (0, 1]")
+
+    @property
+    def block(self) -> int:
+        """Tokens moved from the FP16 window into quantized storage at a time: the least common
+        multiple of the token-axis group sizes, so a token group is always complete when quantized."""
+        sizes = [self.key_group_size if self.key_group_axis == "token" else 1]
+        sizes.append(self.value_group_size if self.value_group_axis == "token" else 1)
+        return math.lcm(*sizes)

@@ -1,0 +1,147 @@
+"""The fallback ladder: serve each head from the lowest stage whose certificate meets tolerance.
+
+Stage 0 certified quantized; 1 FP16 values (from Tier-2) for the tokens carrying the value error;
+2 additionally FP16 keys for the tokens carrying the key error (only those rows are fetched);
+3 dense FP16 attention over Tier-2, the same computation as ``certkv.dense_attention``.
+Every stage's certificate comes from the same formulas (``certified_step``) with the fetched tokens'
+radii set to zero (proofs/ lemma 6), so a mixed-precision step is certified exactly like any other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from certkv.attention import StepTokens, certified_step
+from certkv.certificate import Certificate
+from certkv.config import CertConfig
+
+# Tier-2 row reader: (batch, kv head, token) index vectors -> (k rows, v rows), each [m, D] 16-bit.
+RowFetch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Tier-2 reader of whole (batch, kv head) pairs -> (k, v), each [m, 1, n, D] 16-bit.
+DenseFetch = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Share of the tolerance the tokens left quantized may still contribute after a fetch: the rest is
+# left to the key, cross and rounding terms, which the selection does not model exactly.
+TARGET_SHARE = 0.25
+
+
+@dataclass
+class LadderOutcome:
+    output: torch.Tensor  # [B, Hkv, G, D]
+    certificate: Certificate  # fields [B, Hkv, G]
+    rows_stage1: torch.Tensor  # bool [B, Hkv, n]: tokens whose FP16 values stage 1 used
+    rows_stage2: torch.Tensor  # bool [B, Hkv, n]: tokens whose FP16 keys and values stage 2 added
+
+
+def _tolerance(cfg: CertConfig, out: torch.Tensor) -> torch.Tensor:
+    return cfg.out_tol + cfg.out_rtol * out.double().abs().amax(-1)
+
+
+def _accepts(cfg: CertConfig, cert: Certificate, tol: torch.Tensor) -> torch.Tensor:
+    return (cert.tv_bound <= cfg.tv_tol) & (cert.output_bound <= tol)
+
+
+def _select(contrib: torch.Tensor, target: torch.Tensor, need: torch.Tensor, cap: int) -> torch.Tensor:
+    """Fewest tokens per (b, kv head) whose removal leaves sum(contrib) <= target, at most ``cap``.
+
+    contrib: [B, Hkv, n] >= 0; target: [B, Hkv]; need: bool [B, Hkv]. Returns bool [B, Hkv, n]."""
+    vals, order = torch.sort(contrib, dim=-1, descending=True)
+    rest = contrib.sum(-1, keepdim=True) - torch.cumsum(vals, dim=-1)
+    count = (rest > target[..., None]).sum(-1) + 1
+    count = torch.where(contrib.sum(-1) <= target, torch.zeros_like(count), count)
+    count = torch.where(need, count.clamp(max=cap), torch.zeros_like(count))
+    chosen_sorted = torch.arange(contrib.shape[-1], device=contrib.device) < count[..., None]
+    chosen_sorted &= vals > 0
+    return torch.zeros_like(chosen_sorted).scatter(-1, order, chosen_sorted)
+
+
+def _with_rows(tokens: StepTokens, mask: torch.Tensor, rows: torch.Tensor, which: str) -> StepTokens:
+    """Tokens with the rows under ``mask`` replaced by exact originals (``which``: "k" or "v")."""
+    b, h, i = mask.nonzero(as_tuple=True)
+    exact = rows.float()
+    if which == "v":
+        v, vr, vm, vd = tokens.v.clone(), tokens.v_radius.clone(), tokens.v_mag.clone(), tokens.v_dq.clone()
+        v[b, h, i], vr[b, h, i] = exact, 0.0
+        vm[b, h, i], vd[b, h, i] = exact.double().abs().amax(-1), 0.0
+        return replace(tokens, v=v, v_radius=vr, v_mag=vm, v_dq=vd)
+    k, kr, km = tokens.k.clone(), tokens.k_radius.clone(), tokens.k_mag.clone()
+    k[b, h, i], kr[b, h, i], km[b, h, i] = exact, 0.0, exact.double().abs()
+    return replace(tokens, k=k, k_radius=kr, k_mag=km)
+
+
+def serve(
+    q: torch.Tensor,
+    tokens: StepTokens,
+    scale: float,
+    cfg: CertConfig,
+    fetch_rows: RowFetch,
+    fetch_dense: DenseFetch,
+) -> LadderOutcome:
+    """Run the ladder for q [B, Hkv, G, D] (16-bit) over ``tokens``; see the module docstring."""
+    out, cert, detail = certified_step(q, tokens, scale, q.dtype)
+    out_dtype = out.dtype
+    n = tokens.k.shape[2]
+    tol = _tolerance(cfg, out)
+    cert.tolerance, cert.accepted = tol, _accepts(cfg, cert, tol)
+    rows = {1: torch.zeros(tokens.k.shape[:3], dtype=torch.bool, device=tokens.k.device)}
+    rows[2] = torch.zeros_like(rows[1])
+    cap = max(1, math.ceil(cfg.fetch_fraction * n))
+    current = tokens
+    for stage in (1, 2):
+        failing = ~cert.accepted
+        if stage > cfg.max_stage or not bool(failing.any()):
+            break
+        need = failing.any(-1)  # [B, Hkv]
+        weights = torch.where(failing[..., None], detail.weights, torch.zeros_like(detail.weights))
+        if stage == 1:
+            contrib = (weights * detail.value_radius.unsqueeze(2)).amax(2)
+            target = TARGET_SHARE * torch.where(failing, cert.tolerance, torch.inf).amin(-1)
+        else:
+            contrib = (weights * detail.radius).amax(2)
+            v_range = (tokens.v_max - tokens.v_min).double().amax(-1).clamp(min=1e-30)
+            target = TARGET_SHARE * torch.minimum(
+                torch.full_like(v_range, cfg.tv_tol), torch.where(failing, cert.tolerance, torch.inf).amin(-1) / v_range
+            )
+        chosen = _select(contrib, target, need, cap)
+        b, h, i = chosen.nonzero(as_tuple=True)
+        k_rows, v_rows = fetch_rows(b, h, i)
+        current = _with_rows(current, chosen, v_rows, "v")
+        if stage == 2:
+            current = _with_rows(current, chosen, k_rows, "k")
+        rows[stage] = chosen
+        out_s, cert_s, detail_s = certified_step(q, current, scale, out_dtype)
+        cert_s.stage = torch.full_like(cert.stage, stage)
+        cert_s.tolerance = _tolerance(cfg, out_s)
+        cert_s.accepted = _accepts(cfg, cert_s, cert_s.tolerance)
+        # a failing head takes this stage if it is accepted here, or if it is the last stage allowed
+        take = failing & (cert_s.accepted | (stage == cfg.max_stage))
+        out = torch.where(take[..., None], out_s, out)
+        cert = cert.where(take, cert_s)
+        detail = detail_s
+    failing = ~cert.accepted
+    if cfg.max_stage >= 3 and bool(failing.any()):
+        pairs = failing.any(-1).nonzero(as_tuple=True)
+        k_d, v_d = fetch_dense(*pairs)
+        out_d, cert_d, _ = certified_step(q[pairs].unsqueeze(1), StepTokens.exact(k_d, v_d), scale, out_dtype)
+        full_out = out.clone()
+        full_out[pairs] = out_d[:, 0]
+        dense_cert = cert.where(torch.zeros_like(failing), cert)  # a copy
+        for name, value in cert_d.to_dict().items():
+            getattr(dense_cert, name)[pairs] = value[:, 0]
+        dense_cert.stage[pairs] = 3
+        dense_cert.tolerance = _tolerance(cfg, full_out)
+        dense_cert.accepted = _accepts(cfg, dense_cert, dense_cert.tolerance)
+        out = torch.where(failing[..., None], full_out, out)
+        cert = cert.where(failing, dense_cert)
+    n1, n2 = rows[1].sum(-1, keepdim=True), rows[2].sum(-1, keepdim=True)
+    served = cert.stage
+    none = torch.zeros_like(n1)
+    cert.fetched_values = torch.where(
+        served == 3, n, torch.where(served == 2, n1 + n2, torch.where(served == 1, n1, none))
+    )
+    cert.fetched_keys = torch.where(served == 3, n, torch.where(served == 2, n2, none))
+    return LadderOutcome(out, cert, rows[1], rows[2])

@@ -1,0 +1,114 @@
+"""Exact reference for one attention step of one head, in high precision (mpmath plus exact integers).
+
+Every input is a binary floating-point number (FP16, BF16 or FP32, possibly held in float64), hence
+an integer multiple of 2^-149; logits q.k are computed as exact integers, the
+scale (1/sqrt(D) or a given float) and the exponentials in mpmath at ``prec`` bits, and every weighted
+sum of values as an exact integer dot product of the weights rounded to 2^-(2*prec). The result is
+therefore exact up to a relative error below 2^-(prec-8) on the weights and an absolute error below
+n * 2^-(2*prec) * max|v| on every sum: far below anything certkv claims (documented in theory.md).
+
+Quantities (one head; o = sum p v, p = softmax(s q.K), p_hat = softmax(s q.K_hat)):
+  tv = TV(p, p_hat); key_j = sum (p_hat - p) v_j; value_j = sum p (v_hat - v)_j;
+  cross_j = sum (p_hat - p)(v_hat - v)_j; error_j = served_j - o_j; rounding_j = served_j - sum p_hat v_hat_j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mpmath
+import numpy as np
+import torch
+
+EXP = 149  # every FP16, BF16 and FP32 number is an integer multiple of 2^-149
+
+
+def _ints(x: torch.Tensor) -> np.ndarray:
+    """Exact integers x * 2^EXP of a float tensor (any float dtype; converted exactly to float64)."""
+    flat = x.detach().double().cpu().reshape(-1).tolist()
+    out = np.empty(len(flat), dtype=object)
+    for i, val in enumerate(flat):
+        num, den = float(val).as_integer_ratio()
+        if den > 1 << EXP:
+            raise ValueError(f"{val!r} is not a multiple of 2^-{EXP}: not a 16- or 32-bit float")
+        out[i] = num * ((1 << EXP) // den)
+    return out.reshape(tuple(x.shape))
+
+
+def _parts_to_ints(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> np.ndarray:
+    """Exact integers of codes * scale + zero (float64 parts, each exact)."""
+    codes, scale, zero = parts
+    c = np.array([int(t) for t in codes.reshape(-1).tolist()], dtype=object).reshape(tuple(codes.shape))
+    return c * _ints(scale) + _ints(zero)
+
+
+@dataclass
+class ExactStep:
+    """High-precision quantities of one head (mpmath numbers; vectors as lists over j or i)."""
+
+    o: list[mpmath.mpf]
+    p: list[mpmath.mpf]
+    p_hat: list[mpmath.mpf]
+    tv: mpmath.mpf
+    key: list[mpmath.mpf]
+    value: list[mpmath.mpf]
+    cross: list[mpmath.mpf]
+    error: list[mpmath.mpf]
+    rounding: list[mpmath.mpf]
+
+    @staticmethod
+    def max_abs(xs: list[mpmath.mpf]) -> mpmath.mpf:
+        return max(abs(x) for x in xs)
+
+
+def exact_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_hat: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    v_hat: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    served: torch.Tensor,
+    scale: float | None = None,
+    prec: int = 128,
+) -> ExactStep:
+    """q [D]; k, v [n, D] originals; k_hat, v_hat (codes, scale, zero) float64 [n, D] each (exact tokens:
+    codes 0, scale 0, zero the value); served [D]. ``scale`` None means exactly 1/sqrt(D)."""
+    if prec < 100:
+        raise ValueError(f"prec={prec}: the exact reference needs at least 100 bits")
+    d = q.shape[-1]
+    qi, ki, vi = _ints(q), _ints(k), _ints(v)
+    khi, vhi = _parts_to_ints(k_hat), _parts_to_ints(v_hat)
+    with mpmath.workprec(prec):
+        s = 1 / mpmath.sqrt(d) if scale is None else mpmath.mpf(scale)
+        unit = mpmath.ldexp(1, -2 * EXP)
+
+        def softmax(logit_ints: np.ndarray) -> list[mpmath.mpf]:
+            top = max(logit_ints)
+            ex = [mpmath.exp(s * mpmath.mpf(int(x - top)) * unit) for x in logit_ints]
+            total = mpmath.fsum(ex)
+            return [e / total for e in ex]
+
+        p = softmax(ki.dot(qi))
+        p_hat = softmax(khi.dot(qi))
+        frac_bits = 2 * prec
+        scale_w = 1 << frac_bits
+
+        def weighted(w: list[mpmath.mpf], vals: np.ndarray) -> np.ndarray:
+            ints = [int(mpmath.nint(x * scale_w)) for x in w]
+            # the rounded weights sum to exactly 1, like the real ones: sums of (p_hat - p) * c vanish
+            # exactly for constant c, and every error stays below n * 2^-frac_bits * max|v|
+            top = max(range(len(ints)), key=ints.__getitem__)
+            ints[top] += scale_w - sum(ints)
+            return np.array(ints, dtype=object).dot(vals)  # integers in units of 2^-(frac_bits + EXP)
+
+        to_mp = mpmath.ldexp(1, -(frac_bits + EXP))
+        pv, phv, pvh, phvh = (weighted(w, vals) for w, vals in ((p, vi), (p_hat, vi), (p, vhi), (p_hat, vhi)))
+        served_i = _ints(served) * scale_w
+        o = [mpmath.mpf(int(x)) * to_mp for x in pv]
+        key = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(phv, pv)]
+        value = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(pvh, pv)]
+        cross = [mpmath.mpf(int(a - b - c + e)) * to_mp for a, b, c, e in zip(phvh, phv, pvh, pv)]
+        error = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(served_i, pv)]
+        rounding = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(served_i, phvh)]
+        tv = mpmath.fsum(abs(a - b) for a, b in zip(p, p_hat)) / 2
+    return ExactStep(o, p, p_hat, tv, key, value, cross, error, rounding)

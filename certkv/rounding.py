@@ -1,0 +1,39 @@
+"""The floating-point error model of certkv's own arithmetic (docs/theory.md, section "Rounding").
+
+All runtime arithmetic on the attention path is IEEE binary32 with round-to-nearest; bound
+arithmetic is binary64. Constants here are the only place the model's assumptions live:
+
+* ``U32``: unit roundoff of binary32, 2^-24; ``gamma(n)`` Higham's gamma_n = n u / (1 - n u), which
+  bounds the error of any n-term sum or dot product evaluated in any order (FMA included).
+* ``EXP_REL``/``EXP_ABS``: the assumed accuracy of the binary32 ``exp`` the runtime calls:
+  ``|exp32(x) - e^x| <= EXP_REL * e^x + EXP_ABS`` for every binary32 x <= 0. This is an assumption
+  about a library routine, not a theorem: ``tests/test_rounding.py`` measures it against mpmath on a
+  dense sweep of [-110, 0] plus edge cases, on the machine that runs the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+U32 = 2.0**-24
+U64 = 2.0**-53
+EXP_REL = 2.0**-20  # 16 ulp of binary32; the library exps measured are within ~1-2 ulp
+EXP_ABS = 2.0**-126  # the smallest normal binary32: covers subnormal results and flush-to-zero
+# Radius slack of the quantizer beyond half a step: covers the binary32 evaluation of (x - z) / s
+# (two roundings, each of relative size u, on a quotient of magnitude <= 2^8) with a 16x margin.
+QUANT_SLACK = 2.0**-12
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n for unit roundoff u."""
+    nu = n * u
+    if nu >= 1.0:
+        return math.inf
+    return nu / (1.0 - nu)
+
+
+def inflate(n_terms: int, u: float = U64) -> float:
+    """Factor that turns a computed sum of ``n_terms`` non-negative terms into an upper bound of the
+    exact sum: computed = exact * (1 + theta), |theta| <= gamma_n, so exact <= computed / (1 - gamma_n);
+    the extra 4 units cover the rounding of this multiplication itself."""
+    return 1.0 / (1.0 - gamma(n_terms + 4, u)) + 4 * u

@@ -1,0 +1,38 @@
+"""Shared builders for tests: random but structured attention inputs."""
+
+from __future__ import annotations
+
+import torch
+
+import certkv
+
+
+def make_kv(b=1, hkv=2, n=96, d=32, dtype=torch.float16, seed=0, outlier=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, n, d, generator=gen)
+    if outlier:
+        k[..., 1] *= outlier
+    v = torch.randn(b, hkv, n, d, generator=gen) * 0.5
+    return k.to(dtype), v.to(dtype)
+
+
+def make_q(b=1, hq=4, d=32, dtype=torch.float16, seed=1, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, 1, d, generator=gen) * scale).to(dtype)
+
+
+def small_config(**kw) -> certkv.CertConfig:
+    base = dict(window=8, sinks=2, key_group_size=16, value_group_size=16)
+    base.update(kw)
+    return certkv.CertConfig(**base)
+
+
+def assert_sound(cache, layer, q, result, prec=128):
+    from certkv.reference.verify import verify_step
+
+    k, v = cache.originals(layer)
+    kp, vp = cache.dequantized_exact(layer)
+    checks = verify_step(q, k, v, kp, vp, result, prec=prec)
+    bad = [c for c in checks if c.violations]
+    assert not bad, bad[0]
+    return checks

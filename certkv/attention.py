@@ -29,6 +29,7 @@ from certkv.tv import tanh_bound, tv_bound
 # Tokens whose weight is below e^-TAIL_GAP of the largest are bounded as a block (float64 exp would
 # underflow): their mass under p and p_hat is at most n_tail * e^(-TAIL_GAP + 2 R_max).
 TAIL_GAP = 690.0
+PER_TOKEN_MAX = 30.0
 
 
 @dataclass
@@ -134,14 +135,29 @@ def certified_step(
     tv = (tv_p + tv_h + 2 * tail_mass).clamp(max=1.0)  # TV(p, p_hat) <= TV(p, pi) + TV(pi, p_hat)
     pi = mass / mass.sum(-1, keepdim=True)
 
-    # ---- the three terms, per output coordinate j ----
+    # ---- the three terms, per output coordinate j: min of a TV form and a per-token form ----
     v_range = (tokens.v_max.double() - tokens.v_min.double()).unsqueeze(2)  # [B, Hkv, 1, D]
     eta = tokens.v_radius.double()
     eta_max = eta.amax(2).unsqueeze(2)
     eta_min = eta.amin(2).unsqueeze(2)
-    key_j = tv.unsqueeze(-1) * v_range
-    value_j = torch.matmul(pi, eta) * inflate(n) + tv_pp.unsqueeze(-1) * (eta_max - eta_min)
-    cross_j = tv.unsqueeze(-1) * 2 * eta_max
+    # |p_i - pi_i| <= pi_i g_p,i and |p_hat_i - pi_i| <= pi_i g_h,i (per-token ratio bounds)
+    # beyond radius PER_TOKEN_MAX the per-token form is useless (and e^R overflows): TV form only
+    per_token = (r_max <= PER_TOKEN_MAX).unsqueeze(-1)
+    g_p = _ratio_excess(pi, r_p.clamp(max=PER_TOKEN_MAX))
+    g_h = _ratio_excess(pi, r_hat.clamp(max=PER_TOKEN_MAX))
+    spread = pi * (g_p + g_h)  # >= |p_hat_i - p_i|
+    centre = y.double()  # any centre is sound (the weight differences sum to zero); the output is close
+    deviation = _weighted_deviation(spread, tokens, centre)  # sum_i spread_i (|v_used - c| + eta + dq)
+    far = torch.maximum(tokens.v_max.double().unsqueeze(2) - centre, centre - tokens.v_min.double().unsqueeze(2))
+    key_tok = deviation * inflate(n) + 2 * tail_mass.unsqueeze(-1) * far
+    key_j = torch.where(per_token, torch.minimum(tv.unsqueeze(-1) * v_range, key_tok), tv.unsqueeze(-1) * v_range)
+    value_tv = torch.matmul(pi, eta) * inflate(n) + tv_pp.unsqueeze(-1) * (eta_max - eta_min)
+    value_tok = torch.matmul(pi * (1 + g_p), eta) * inflate(n) + tail_mass.unsqueeze(-1) * eta_max
+    value_j = torch.where(per_token, torch.minimum(value_tv, value_tok), value_tv)
+    cross_tok = torch.matmul(spread, eta) * inflate(n) + 2 * tail_mass.unsqueeze(-1) * eta_max
+    cross_j = torch.where(
+        per_token, torch.minimum(tv.unsqueeze(-1) * 2 * eta_max, cross_tok), tv.unsqueeze(-1) * 2 * eta_max
+    )
 
     # ---- rounding: |output - sum p_hat v_hat| ----
     alpha = EXP_REL + 1.01 * U32 * gap.clamp(max=110.0).amax(-1)  # [B, Hkv, G]
@@ -184,6 +200,37 @@ def certified_step(
     )
     detail = StepDetail(weights=pi, radius=r_p, value_radius=eta.amax(-1))
     return out, cert, detail
+
+
+def _ratio_excess(pi: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """g_i with |p_i - pi_i| <= pi_i g_i for every p proportional to pi e^delta, |delta| <= radius.
+
+    p_i / pi_i = e^delta_i / S with S = sum pi e^delta in [m_lo, m_hi] = [sum pi e^-R, sum pi e^R], so
+    g_i = max(e^R_i / m_lo - 1, 1 - e^-R_i / m_hi), evaluated with expm1 (no cancellation) and inflated
+    for its float64 rounding."""
+    up = torch.expm1(radius)
+    down = -torch.expm1(-radius)  # 1 - e^-R >= 0
+    m_lo = 1 - (pi * down).sum(-1, keepdim=True)
+    m_hi = 1 + (pi * up).sum(-1, keepdim=True)
+    above = (up + (pi * down).sum(-1, keepdim=True)) / m_lo
+    below = ((pi * up).sum(-1, keepdim=True) + down) / m_hi
+    n = pi.shape[-1]
+    return torch.maximum(above, below) * (1 + 8 * gamma(n + 8, U64)) + 4 * U64
+
+
+TOKEN_CHUNK = 4096  # bounds the [G, chunk, D] working set of the per-token key term
+
+
+def _weighted_deviation(weight: torch.Tensor, tokens: StepTokens, centre: torch.Tensor) -> torch.Tensor:
+    """sum_i weight_i (|v_used_ij - c_j| + eta_ij + dq_i) >= sum_i weight_i |v_ij - c_j|, [B, Hkv, G, D]."""
+    total = torch.zeros_like(centre)
+    for lo in range(0, weight.shape[-1], TOKEN_CHUNK):
+        hi = lo + TOKEN_CHUNK
+        v = tokens.v[:, :, lo:hi].double().unsqueeze(2)  # [B, Hkv, 1, c, D]
+        dev = (v - centre.unsqueeze(-2)).abs() + tokens.v_radius[:, :, lo:hi].double().unsqueeze(2)
+        dev = dev + tokens.v_dq[:, :, lo:hi].unsqueeze(2).unsqueeze(-1)
+        total = total + (weight[..., lo:hi].unsqueeze(-1) * dev).sum(-2)
+    return total
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

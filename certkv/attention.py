@@ -18,6 +18,8 @@ from Tier-1 data and q alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,17 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+@contextmanager
+def _full_fp32_matmul() -> Iterator[None]:
+    """The rounding model assumes binary32 accumulation: no TF32 or bf16 passes inside matmul."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def certified_step(
     q: torch.Tensor, tokens: StepTokens, scale: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, Certificate, StepDetail]:
@@ -96,6 +109,14 @@ def certified_step(
     tolerance fields unset) and the per-token detail for the ladder. ``scale`` is taken as an exact
     real number (the default 1/sqrt(D) is irrational; its binary32 rounding is in the rounding term).
     """
+    with _full_fp32_matmul():
+        return _certified_step(q, tokens, scale, out_dtype)
+
+
+def _certified_step(
+    q: torch.Tensor, tokens: StepTokens, scale: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, Certificate, StepDetail]:
+    """The step itself; see ``certified_step``."""
     d = q.shape[-1]
     n = tokens.k.shape[2]
     s32 = torch.tensor(scale, dtype=torch.float32)

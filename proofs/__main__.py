@@ -1,0 +1,30 @@
+"""Run every lemma and its mutation check; exit 1 if a lemma is not proven or a mutation survives."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import z3
+
+from proofs import lemma_decomposition, lemma_packing
+
+LEMMAS = (lemma_packing, lemma_decomposition)
+
+
+def main() -> int:
+    failed = 0
+    for mod in LEMMAS:
+        t0 = time.time()
+        proved = mod.prove()
+        mut, detail = mod.mutation()
+        ok = proved == z3.unsat and mut == z3.sat
+        failed += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {mod.__name__}: {mod.LEMMA}")
+        print(f"    theory: {mod.THEORY}; claim: {proved} (unsat = proven); mutation: {mut}; {time.time() - t0:.1f}s")
+        print(f"    mutation counterexample: {detail}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

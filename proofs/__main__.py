@@ -7,9 +7,9 @@ import time
 
 import z3
 
-from proofs import lemma_decomposition, lemma_packing, lemma_quant_radius
+from proofs import lemma_decomposition, lemma_packing, lemma_quant_radius, lemma_softmax
 
-LEMMAS = (lemma_quant_radius, lemma_packing, lemma_decomposition)
+LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition)
 
 
 def main() -> int:

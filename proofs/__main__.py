@@ -7,9 +7,16 @@ import time
 
 import z3
 
-from proofs import lemma_decomposition, lemma_ladder, lemma_packing, lemma_quant_radius, lemma_softmax
+from proofs import (
+    lemma_decomposition,
+    lemma_ladder,
+    lemma_packing,
+    lemma_quant_radius,
+    lemma_rounding,
+    lemma_softmax,
+)
 
-LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_ladder)
+LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_rounding, lemma_ladder)
 
 
 def main() -> int:

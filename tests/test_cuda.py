@@ -1,0 +1,25 @@
+"""On CUDA: pinned Tier-2, the ladder and soundness of the torch path on the GPU (skipped without one)."""
+
+import pytest
+import torch
+
+import certkv
+from tests.helpers import assert_sound, make_kv, make_q, small_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_cache_is_sound_at_every_stage(dtype):
+    k, v = make_kv(b=2, n=300, dtype=dtype, outlier=10.0)
+    q = make_q(b=2, dtype=dtype, scale=3.0)
+    cache = certkv.TieredKVCache(1, 2, 32, config=small_config(out_tol=0.01, out_rtol=0.0), device="cuda")
+    cache.append(0, k.cuda(), v.cuda())
+    ko, _ = cache.originals(0)
+    assert ko.is_pinned() and not ko.is_cuda
+    res = cache.attend(0, q.cuda())
+    assert res.output.is_cuda and len(set(res.certificate.stage.flatten().tolist())) >= 1
+    assert_sound(cache, 0, q.cuda(), res)
+    dense = certkv.dense_attention(q.cuda(), k.cuda(), v.cuda())
+    at3 = res.certificate.stage[..., 0] == 3
+    assert torch.equal(res.output[at3], dense[at3])

@@ -48,6 +48,9 @@ class Certificate:
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def clone(self) -> Certificate:
+        return Certificate(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
     def where(self, mask: torch.Tensor, other: Certificate) -> Certificate:
         """Field-wise: ``other`` where mask (shape [B, H_q, 1]) is true, ``self`` elsewhere."""
         return Certificate(

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
@@ -97,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--precision", type=int, default=128, help="bits of the exact reference")
     p_demo.set_defaults(func=demo)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return int(args.func(args))
 
 

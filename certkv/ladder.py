@@ -129,7 +129,7 @@ def serve(
         out_d, cert_d, _ = certified_step(q[pairs].unsqueeze(1), StepTokens.exact(k_d, v_d), scale, out_dtype)
         full_out = out.clone()
         full_out[pairs] = out_d[:, 0]
-        dense_cert = cert.where(torch.zeros_like(failing), cert)  # a copy
+        dense_cert = cert.clone()
         for name, value in cert_d.to_dict().items():
             getattr(dense_cert, name)[pairs] = value[:, 0]
         dense_cert.stage[pairs] = 3

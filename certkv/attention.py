@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -73,6 +73,32 @@ class StepTokens:
             v_min=vf.amin(2),
             v_max=vf.amax(2),
         )
+
+    def with_exact(
+        self,
+        rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ) -> StepTokens:
+        """A copy with the (batch, kv head, token) ``rows`` served from exact originals: keys ``k`` and/or
+        values ``v`` ([m, D], 16-bit) replace the quantized rows, and their radii become zero."""
+        b, h, i = rows
+        out = replace(self)
+        if k is not None:
+            kf = k.float()
+            out.k, out.k_radius, out.k_mag = self.k.clone(), self.k_radius.clone(), self.k_mag.clone()
+            out.k[b, h, i], out.k_radius[b, h, i], out.k_mag[b, h, i] = kf, 0.0, kf.double().abs()
+        if v is not None:
+            vf = v.float()
+            out.v, out.v_radius, out.v_mag, out.v_dq = (
+                self.v.clone(),
+                self.v_radius.clone(),
+                self.v_mag.clone(),
+                self.v_dq.clone(),
+            )
+            out.v[b, h, i], out.v_radius[b, h, i] = vf, 0.0
+            out.v_mag[b, h, i], out.v_dq[b, h, i] = vf.double().abs().amax(-1), 0.0
+        return out
 
 
 @dataclass

@@ -243,8 +243,10 @@ class TieredKVCache:
             v_min=st.v_min,  # type: ignore[arg-type]
             v_max=st.v_max,  # type: ignore[arg-type]
         )
-        self._apply_promoted(st, merged)
-        return merged
+        if not st.promoted:
+            return merged
+        b, h, slot, i = _promoted_rows(st)
+        return merged.with_exact((b, h, i), k=st.promoted["k"][b, h, slot], v=st.promoted["v"][b, h, slot])
 
     def dequantized_exact(self, layer: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """For the exact reference: keys and values as Tier-1 serves them at stage 0, each as float64
@@ -271,30 +273,17 @@ class TieredKVCache:
                 parts.append(exact(win))
             c, s, z = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
             if st.promoted:
-                idx = st.promoted["idx"]
-                b, h, slot = (idx >= 0).nonzero(as_tuple=True)
-                i = idx[b, h, slot] + st.n_sink
+                b, h, slot, i = _promoted_rows(st)
                 c[b, h, i], s[b, h, i], z[b, h, i] = 0.0, 0.0, st.promoted[role][b, h, slot].double()
             out.append((c, s, z))
         return out[0], out[1]
-
-    def _apply_promoted(self, st: _Layer, tokens: StepTokens) -> None:
-        if not st.promoted:
-            return
-        idx = st.promoted["idx"]
-        b, h, slot = (idx >= 0).nonzero(as_tuple=True)
-        i = idx[b, h, slot] + st.n_sink
-        k, v = st.promoted["k"][b, h, slot].float(), st.promoted["v"][b, h, slot].float()
-        tokens.k[b, h, i], tokens.k_radius[b, h, i], tokens.k_mag[b, h, i] = k, 0.0, k.double().abs()
-        tokens.v[b, h, i], tokens.v_radius[b, h, i] = v, 0.0
-        tokens.v_mag[b, h, i], tokens.v_dq[b, h, i] = v.double().abs().amax(-1), 0.0
 
     def promoted_count(self, layer: int) -> torch.Tensor:
         """Promoted tokens per (batch row, KV head), [B, H_kv]."""
         st = self._layer(layer)
         if not st.promoted:
             return torch.zeros(st.batch, self.num_kv_heads, dtype=torch.int64)
-        return self.promoted_count_tensor(st)
+        return (st.promoted["idx"] >= 0).sum(-1)
 
     # ------------------------------------------------------------------ attend
     def attend(self, layer: int, q: torch.Tensor, scale: float | None = None) -> AttentionResult:
@@ -364,8 +353,8 @@ class TieredKVCache:
             ready &= ~self._promoted_mask(st)
         if not bool(ready.any()):
             return
-        want = int(ready.sum(-1).max()) + (self.promoted_count_tensor(st).max().item() if st.promoted else 0)
-        self._grow_promoted(st, min(self.config.promote_budget, int(want)))
+        held = (st.promoted["idx"] >= 0).sum(-1) if st.promoted else torch.zeros_like(ready.sum(-1))
+        self._grow_promoted(st, min(self.config.promote_budget, int((held + ready.sum(-1)).max())))
         idx = st.promoted["idx"]
         for b, h in ready.any(-1).nonzero().tolist():
             free = (idx[b, h] < 0).nonzero().flatten()
@@ -378,9 +367,6 @@ class TieredKVCache:
             idx[b, h, slots] = cand
             st.promoted["k"][b, h, slots] = k
             st.promoted["v"][b, h, slots] = v
-
-    def promoted_count_tensor(self, st: _Layer) -> torch.Tensor:
-        return (st.promoted["idx"] >= 0).sum(-1)
 
     def _grow_promoted(self, st: _Layer, slots: int) -> None:
         """Promoted-token storage grows by doubling up to the budget: Tier-1 holds no idle budget."""
@@ -401,9 +387,8 @@ class TieredKVCache:
     def _promoted_mask(self, st: _Layer) -> torch.Tensor:
         assert st.fetch_count is not None
         mask = torch.zeros_like(st.fetch_count, dtype=torch.bool)
-        idx = st.promoted["idx"]
-        b, h, s = (idx >= 0).nonzero(as_tuple=True)
-        mask[b, h, idx[b, h, s]] = True
+        b, h, _, i = _promoted_rows(st)
+        mask[b, h, i - st.n_sink] = True
         return mask
 
     def _self_check(self, layer: int, q: torch.Tensor, scale: float, result: AttentionResult) -> None:
@@ -441,6 +426,13 @@ class TieredKVCache:
             fp16 += 2 * st.length * unit
             tokens += st.length
         return MemoryReport(tier1, tier2, fp16, tokens)
+
+
+def _promoted_rows(st: _Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, kv head, slot, token index in cache order) of every promoted token."""
+    idx = st.promoted["idx"]
+    b, h, slot = (idx >= 0).nonzero(as_tuple=True)
+    return b, h, slot, idx[b, h, slot] + st.n_sink
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -59,20 +59,6 @@ def _select(contrib: torch.Tensor, target: torch.Tensor, need: torch.Tensor, cap
     return torch.zeros_like(chosen_sorted).scatter(-1, order, chosen_sorted)
 
 
-def _with_rows(tokens: StepTokens, mask: torch.Tensor, rows: torch.Tensor, which: str) -> StepTokens:
-    """Tokens with the rows under ``mask`` replaced by exact originals (``which``: "k" or "v")."""
-    b, h, i = mask.nonzero(as_tuple=True)
-    exact = rows.float()
-    if which == "v":
-        v, vr, vm, vd = tokens.v.clone(), tokens.v_radius.clone(), tokens.v_mag.clone(), tokens.v_dq.clone()
-        v[b, h, i], vr[b, h, i] = exact, 0.0
-        vm[b, h, i], vd[b, h, i] = exact.double().abs().amax(-1), 0.0
-        return replace(tokens, v=v, v_radius=vr, v_mag=vm, v_dq=vd)
-    k, kr, km = tokens.k.clone(), tokens.k_radius.clone(), tokens.k_mag.clone()
-    k[b, h, i], kr[b, h, i], km[b, h, i] = exact, 0.0, exact.double().abs()
-    return replace(tokens, k=k, k_radius=kr, k_mag=km)
-
-
 def serve(
     q: torch.Tensor,
     tokens: StepTokens,
@@ -109,9 +95,7 @@ def serve(
         chosen = _select(contrib, target, need, cap)
         b, h, i = chosen.nonzero(as_tuple=True)
         k_rows, v_rows = fetch_rows(b, h, i)
-        current = _with_rows(current, chosen, v_rows, "v")
-        if stage == 2:
-            current = _with_rows(current, chosen, k_rows, "k")
+        current = current.with_exact((b, h, i), k=k_rows if stage == 2 else None, v=v_rows)
         rows[stage] = chosen
         out_s, cert_s, detail_s = certified_step(q, current, scale, out_dtype)
         cert_s.stage = torch.full_like(cert.stage, stage)

@@ -50,11 +50,9 @@ def _terms(problem: dict[str, torch.Tensor], t: torch.Tensor) -> tuple[torch.Ten
     return demand, w, (h_mass * h_in).sum(-1, keepdim=True)
 
 
-def _dual(problem: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+def _dual(mass: torch.Tensor, demand: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """An optimal (or, where infeasible, a large) dual multiplier of the light knapsack at each t:
     1 / w of the critical (fractionally filled) bin, 0 where the demand is met by the heavy tokens."""
-    demand, w, _ = _terms(problem, t)
-    mass = problem["mass"]
     w_sorted, order = torch.sort(w, dim=-1, descending=True)
     benefit = torch.cumsum(torch.gather(mass[:, None, :].expand_as(w), -1, order) * w_sorted, dim=-1)
     m = (benefit < demand[..., None]).sum(-1, keepdim=True).clamp(max=mass.shape[-1] - 1)
@@ -63,29 +61,37 @@ def _dual(problem: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     return torch.where(demand > benefit[..., -1], torch.full_like(lam, 1e12), lam)
 
 
-def _objective_bound(problem: dict[str, torch.Tensor], t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def _objective_bound(
+    mass: torch.Tensor,
+    t: torch.Tensor,
+    demand: torch.Tensor,
+    w: torch.Tensor,
+    heavy_cost: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
     """h(t, lam) = t - [pi(S) + lam*dem(t) - sum_k P_k max(0, lam*w_k(t) - 1)] >= t - c(t) for every
     lam >= 0 (weak LP duality), and convex in t: its maximum on an interval is at an endpoint."""
-    demand, w, heavy_cost = _terms(problem, t)
-    slack = (problem["mass"][:, None, :] * (lam[..., None] * w - 1).clamp(min=0)).sum(-1)
+    slack = (mass[:, None, :] * (lam[..., None] * w - 1).clamp(min=0)).sum(-1)
     return t - heavy_cost - lam * demand + slack
 
 
 def _relaxed(problem: dict[str, torch.Tensor]) -> torch.Tensor:
     """max_t [t - c(t)] bounded from above, one value per row: on each grid interval, the dual
     multipliers of both endpoints each give a convex majorant; take the better of the two."""
-    n, dev = problem["mass"].shape[0], problem["mass"].device
+    mass = problem["mass"]
+    n, dev = mass.shape[0], mass.device
     ts = (torch.arange(GRID + 1, dtype=torch.float64, device=dev) / GRID).expand(n, GRID + 1).contiguous()
-    lam = _dual(problem, ts)
-    left, right = ts[:, :-1], ts[:, 1:]
+    demand, w, heavy_cost = _terms(problem, ts)  # once for the whole grid; endpoints are slices
+    lam = _dual(mass, demand, w)
+    ends = [(ts[:, sl], demand[:, sl], w[:, sl]) for sl in (slice(None, -1), slice(1, None))]
     # third multiplier: balances the two endpoints when no light bin is active (exact for the heavy
     # tokens alone, where c jumps to infinity inside an interval)
-    demand = _terms(problem, ts)[0]
     rise = (demand[:, 1:] - demand[:, :-1]).clamp(min=2.0**-60)
-    balance = (right - left) / rise
+    balance = (ts[:, 1:] - ts[:, :-1]) / rise
     bounds = []
     for lam_at in (lam[:, :-1], lam[:, 1:], balance):
-        bounds.append(torch.maximum(_objective_bound(problem, left, lam_at), _objective_bound(problem, right, lam_at)))
+        at_ends = [_objective_bound(mass, t, d, wk, heavy_cost, lam_at) for t, d, wk in ends]
+        bounds.append(torch.maximum(*at_ends))
     return torch.minimum(torch.minimum(bounds[0], bounds[1]), bounds[2]).amax(-1)
 
 

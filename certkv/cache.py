@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from certkv.certificate import AttentionResult, Certificate
 from certkv.config import CertConfig
 from certkv.ladder import serve
 from certkv.quant import DEQUANT_REL, QuantizedTensor, quantize
+
+if TYPE_CHECKING:
+    from certkv.trace import TraceRecorder
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -82,7 +85,7 @@ class TieredKVCache:
         head_dim: int,
         config: CertConfig | None = None,
         device: torch.device | str | None = None,
-        recorder: Any = None,
+        recorder: TraceRecorder | None = None,
     ) -> None:
         self.config = config or CertConfig()
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -106,6 +109,8 @@ class TieredKVCache:
         self.recorder = recorder
         self._layers = [_Layer() for _ in range(num_layers)]
         self._pin = self.device.type == "cuda"
+        if recorder is not None:
+            recorder.bind(self)
 
     # ------------------------------------------------------------------ validation
     def _layer(self, layer: int) -> _Layer:
@@ -278,6 +283,19 @@ class TieredKVCache:
             out.append((c, s, z))
         return out[0], out[1]
 
+    def quantized_storage(self, layer: int) -> tuple[QuantizedTensor | None, QuantizedTensor | None]:
+        """Tier-1's quantized keys and values of ``layer`` as stored (None before the first block)."""
+        st = self._layer(layer)
+        return st.qk, st.qv
+
+    def promoted_rows(self, layer: int) -> torch.Tensor:
+        """(batch, kv head, token index in cache order) of every promoted token, int64 [m, 3]."""
+        st = self._layer(layer)
+        if not st.promoted:
+            return torch.zeros(0, 3, dtype=torch.int64)
+        b, h, _, i = _promoted_rows(st)
+        return torch.stack([b, h, i], dim=1).cpu()
+
     def promoted_count(self, layer: int) -> torch.Tensor:
         """Promoted tokens per (batch row, KV head), [B, H_kv]."""
         st = self._layer(layer)
@@ -314,16 +332,18 @@ class TieredKVCache:
             lambda bi, hi, ti: self._fetch_rows(st, bi, hi, ti),
             lambda bi, hi: self._fetch_dense(st, bi, hi),
         )
-        self._count_fetches(st, outcome.rows_stage1 | outcome.rows_stage2)
         output = outcome.output.reshape(b, hq, 1, d)
         cert = Certificate(**{k: v.reshape(b, hq, 1) for k, v in outcome.certificate.to_dict().items()})
         result = AttentionResult(output, cert, outcome.rows_stage1, outcome.rows_stage2)
+        if self.recorder is not None:
+            # before promotion changes Tier-1, and before strict mode can raise: a rejected step is
+            # exactly the one an audit wants to see
+            self.recorder.record(self, layer, q, float(scale), result)
+        self._count_fetches(st, outcome.rows_stage1 | outcome.rows_stage2)
         if self.config.self_check:
             self._self_check(layer, q, float(scale), result)
         if self.config.strict:
             _raise_if_rejected(layer, cert)
-        if self.recorder is not None:
-            self.recorder.record(self, layer, q, float(scale), result)
         return result
 
     def _fetch_rows(

@@ -1,102 +1,169 @@
-"""Command line: ``certkv demo`` (more subcommands arrive with their issues)."""
+"""Command line: ``certkv audit`` (re-check a recorded trace exactly) and ``certkv record``.
+
+Exit codes of ``audit``: 0 every claim held; 1 a claim was violated (the first ones are listed);
+2 the trace is unreadable, corrupt, tampered, or incomplete (unless ``--allow-partial``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from safetensors import safe_open
 
 import certkv
+from certkv import errors
 from certkv.certificate import STAGE_NAMES
-from certkv.reference.verify import verify_step
 
-DEMO_DATA = Path(__file__).parent / "data" / "demo_step.safetensors"
+DATA = Path(__file__).parent / "data"
+DEFAULT_TRACE = DATA / "trace"
+SHOWN_VIOLATIONS = 10
 
 
-def demo(args: argparse.Namespace) -> int:
-    """Replay bundled real attention (tinylm layer 3) as decode steps through a certified cache, and
-    check every certificate against the exact reference."""
-    console = Console(width=max(150, Console().width))
-    with safe_open(str(args.data), framework="pt") as fh:
-        q, k, v = (fh.get_tensor(name) for name in ("q", "k", "v"))
-        scaling = float(fh.metadata()["scaling"])
-    steps = q.shape[2]
-    n0 = k.shape[2] - steps
-    cfg = certkv.CertConfig(window=args.window, max_stage=args.max_stage)
-    cache = certkv.TieredKVCache(1, k.shape[1], k.shape[-1], config=cfg)
-    cache.append(0, k[:, :, : n0 + 1], v[:, :, : n0 + 1])
-    table = Table(title=f"certkv demo: {DEMO_DATA.name}, {steps} decode steps, context {n0 + 1}-{n0 + steps}")
-    for col in (
-        "step",
-        "head",
-        "stage",
-        "tv bound",
-        "key",
-        "value",
-        "cross",
-        "rounding",
-        "bound",
-        "actual",
-        "bound/actual",
-        "held",
-    ):
-        table.add_column(col, justify="right")
-    violations = 0
-    for t in range(steps):
-        if t:
-            cache.append(0, k[:, :, n0 + t : n0 + t + 1], v[:, :, n0 + t : n0 + t + 1])
-        qt = q[:, :, t : t + 1]
-        res = cache.attend(0, qt, scale=scaling)
-        ko, vo = cache.originals(0)
-        kp, vp = cache.dequantized_exact(0)
-        for chk in verify_step(qt, ko, vo, kp, vp, res, scale=scaling, prec=args.precision):
-            c, e = chk.claimed, chk.exact
-            actual = e["output_bound"]
-            violations += bool(chk.violations)
-            table.add_row(
-                str(t),
-                str(chk.head),
-                f"{chk.stage} {STAGE_NAMES[chk.stage]}",
-                f"{c['tv_bound']:.2e}",
-                f"{c['key_term']:.2e}",
-                f"{c['value_term']:.2e}",
-                f"{c['cross_term']:.2e}",
-                f"{c['rounding_term']:.2e}",
-                f"{c['output_bound']:.2e}",
-                f"{actual:.2e}",
-                f"{c['output_bound'] / actual:.1f}" if actual > 0 else "inf",
-                "[green]yes[/]" if not chk.violations else f"[red]NO: {','.join(chk.violations)}[/]",
+def _audit(args: argparse.Namespace) -> int:
+    from certkv.audit import audit, plot
+
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    start = time.perf_counter()
+    try:
+        with Progress(
+            TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeRemainingColumn(),
+            console=err, transient=True, disable=args.quiet,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("audit", total=None)
+            report = audit(
+                args.trace,
+                prec=args.precision,
+                jobs=args.jobs,
+                progress=lambda d, t: bar.update(task, completed=d, total=t),
             )
+    except errors.TraceError as exc:
+        print(f"certkv audit: unreadable trace: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    heads = report.heads
+    layers = sorted({s.layer for s in report.steps})
+    table = Table(title=f"certkv audit: {args.trace}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("recorded steps (layer x decode step)", f"{len(report.steps)}")
+    table.add_row("head-steps checked", f"{len(heads)} (layers {layers})")
+    counts = report.stage_counts()
+    table.add_row("stages", ", ".join(f"{n} {STAGE_NAMES[i]}" for i, n in enumerate(counts)))
+    dense = sum(s.dense_checked for s in report.steps)
+    table.add_row("stage-3 outputs == dense path", f"{dense} compared" if report.dense_note is None else "not checked")
+    ratios = [s.memory_ratio for s in report.steps]
+    if ratios:
+        table.add_row("Tier-1 / FP16 cache", f"{ratios[-1]:.3f} at the last step (min {min(ratios):.3f})")
+    table.add_row("precision / jobs / time", f"{args.precision} bits / {args.jobs} / {elapsed:.1f} s")
+    table.add_row("head-steps per second", f"{len(heads) / elapsed:.2f}")
     console.print(table)
-    rep = cache.memory_report()
-    console.print(
-        f"Tier-1 {rep.tier1_bytes:,} B, Tier-2 {rep.tier2_bytes:,} B, Tier-1/FP16 = {rep.ratio:.3f} "
-        f"(context {rep.tokens}; the FP16 window is a large share at this length)"
+    tight = Table(title="bound / exact per head-step (over nonzero exact values)")
+    for col in ("term", "median", "p99", "exact = 0"):
+        tight.add_column(col, justify="right")
+    for name, row in report.tightness().items():
+        tight.add_row(name, *(f"{row[k]:.3g}" if math.isfinite(row[k]) else "-" for k in ("median", "p99")),
+                      f"{int(row['exact_zero'])}")  # fmt: skip
+    console.print(tight)
+    if report.dense_note:
+        console.print(report.dense_note)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    violations = report.violations
+    if violations:
+        console.print(f"[red]{len(violations)} violated claims[/]; first:")
+        for line in violations[:SHOWN_VIOLATIONS]:
+            print(f"  {line}")
+        return 1
+    if not report.complete:
+        msg = f"trace incomplete: {report.tail}"
+        if not args.allow_partial:
+            print(f"certkv audit: {msg} (pass --allow-partial to accept)", file=sys.stderr)
+            return 2
+        console.print(msg)
+    console.print(f"[green]every claim held[/] ({len(heads)} head-steps)")
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    import torch
+
+    from certkv.record import record
+    from certkv.trace import TraceSample
+
+    cfg = certkv.CertConfig(
+        window=args.window,
+        sinks=args.sinks,
+        key_bits=args.key_bits,
+        value_bits=args.value_bits,
+        max_stage=args.max_stage,
     )
-    console.print(
-        "[green]every certificate held[/]" if not violations else f"[red]{violations} violated certificates[/]"
+    sample = TraceSample(
+        layers=tuple(args.layers) if args.layers else None,
+        kv_heads=tuple(args.kv_heads) if args.kv_heads else None,
+        every=args.every,
     )
-    return 1 if violations else 0
+    dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        summary = record(
+            args.model, Path(args.text).read_text(encoding="utf-8"), args.out, args.max_new_tokens,
+            args.prompt_tokens, cfg, sample, dtype,
+        )  # fmt: skip
+    except (errors.CertKVError, OSError) as exc:
+        print(f"certkv record: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {summary}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="certkv", description=certkv.__doc__)
     parser.add_argument("--version", action="version", version=f"certkv {certkv.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="certified attention on bundled real attention, checked exactly")
-    p_demo.add_argument("--data", type=Path, default=DEMO_DATA)
-    p_demo.add_argument(
-        "--window", type=int, default=16, help="FP16 recent window (small, so most tokens are quantized)"
-    )
-    p_demo.add_argument("--max-stage", type=int, default=3)
-    p_demo.add_argument("--precision", type=int, default=128, help="bits of the exact reference")
-    p_demo.set_defaults(func=demo)
+
+    p = sub.add_parser("audit", help="re-check every certificate of a recorded trace in exact arithmetic")
+    p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE, help="trace directory (default: bundled)")
+    p.add_argument("--precision", type=int, default=128, help="bits of the exact reference (>= 100)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
+    p.add_argument("--json", type=Path, help="write the full report (every head-step) as JSON")
+    p.add_argument("--plot", type=Path, help="write bound vs exact per term and stage use over steps (PNG)")
+    p.add_argument("--allow-partial", action="store_true", help="exit 0 on a trace whose tail is missing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_audit)
+
+    r = sub.add_parser("record", help="decode with a Hugging Face model through a certified cache; write a trace")
+    r.add_argument("--model", required=True, type=Path, help="local Hugging Face checkpoint directory")
+    r.add_argument("--text", required=True, type=Path, help="UTF-8 text file: the prompt")
+    r.add_argument("--out", required=True, type=Path, help="trace directory to create")
+    r.add_argument("--max-new-tokens", type=int, default=8)
+    r.add_argument("--prompt-tokens", type=int, help="keep the first N prompt tokens")
+    r.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto")
+    r.add_argument("--window", type=int, default=certkv.CertConfig.window)
+    r.add_argument("--sinks", type=int, default=certkv.CertConfig.sinks)
+    r.add_argument("--key-bits", type=int, default=certkv.CertConfig.key_bits)
+    r.add_argument("--value-bits", type=int, default=certkv.CertConfig.value_bits)
+    r.add_argument("--max-stage", type=int, default=certkv.CertConfig.max_stage)
+    r.add_argument("--layers", type=int, nargs="+", help="record these layers only")
+    r.add_argument("--kv-heads", type=int, nargs="+", help="record these KV heads only")
+    r.add_argument("--every", type=int, default=1, help="record every N-th step of each layer")
+    r.set_defaults(func=_record)
+
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except errors.ConfigError as exc:
+        print(f"certkv {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

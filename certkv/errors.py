@@ -48,3 +48,8 @@ class CertificationError(CertKVError, RuntimeError):
     def __init__(self, message: str, details: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.details = details or {}
+
+
+class TraceError(CertKVError, ValueError):
+    """A trace cannot be trusted as written: missing, truncated or tampered file, wrong format
+    version, checksum mismatch, or tensors whose shapes disagree with the manifest."""

@@ -128,9 +128,25 @@ class QuantizedTensor:
             self.head_dim,
         )
 
-    def select_batch(self, index: torch.Tensor) -> QuantizedTensor:
+    def slice(self, heads: torch.Tensor | None, start: int, end: int) -> QuantizedTensor:
+        """Tokens [start, end) of the KV heads ``heads`` (all if None); with token-axis groups,
+        start and end must fall on group boundaries (the cache only quantizes whole blocks)."""
+        g = self.group_size if self.axis == "token" else 1
+        if start % g or end % g:
+            raise ValueError(f"token slice [{start}, {end}) does not fall on groups of {g}")
+        sel = slice(None) if heads is None else heads
+
+        def part(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            return t[:, sel, a:b].contiguous()
+
         return QuantizedTensor(
-            self.codes[index], self.scale[index], self.zero[index], self.bits, self.axis, self.group_size, self.head_dim
+            part(self.codes, start, end),
+            part(self.scale, start // g, end // g),
+            part(self.zero, start // g, end // g),
+            self.bits,
+            self.axis,
+            self.group_size,
+            self.head_dim,
         )
 
 

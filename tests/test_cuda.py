@@ -23,3 +23,20 @@ def test_cuda_cache_is_sound_at_every_stage(dtype):
     dense = certkv.dense_attention(q.cuda(), k.cuda(), v.cuda())
     at3 = res.certificate.stage[..., 0] == 3
     assert torch.equal(res.output[at3], dense[at3])
+
+
+def test_cuda_trace_audits_on_the_host(tmp_path):
+    from certkv.audit import audit
+    from certkv.trace import TraceRecorder
+
+    k, v = make_kv(b=2, n=200, outlier=10.0)
+    with TraceRecorder(tmp_path / "t") as rec:
+        cache = certkv.TieredKVCache(
+            1, 2, 32, config=small_config(out_tol=0.01, out_rtol=0.0), device="cuda", recorder=rec
+        )
+        cache.append(0, k.cuda(), v.cuda())
+        for seed in range(3):
+            cache.attend(0, make_q(b=2, seed=seed, scale=3.0).cuda())
+    report = audit(tmp_path / "t")
+    assert len(report.steps) == 3 and not report.violations
+    assert report.dense_note is not None and "cuda" in report.dense_note

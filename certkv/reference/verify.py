@@ -3,17 +3,18 @@
 ``verify_step`` rebuilds, for each (batch row, query head), the keys and values that head was served
 (Tier-1 dequantized values, with the originals the ladder read at its stage), runs
 ``certkv.reference.exact.exact_step`` and compares each certificate field with its exact counterpart.
-Used by the property tests, ``certkv demo`` and the audit.
+Used by the property tests, the tests and ``certkv audit``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mpmath
 import torch
 
-from certkv.certificate import AttentionResult
+from certkv.certificate import AttentionResult, Certificate
 from certkv.reference.exact import exact_step
 
 # certificate field -> how its exact counterpart is obtained from an ExactStep
@@ -41,6 +42,88 @@ def _served_parts(
     return c, s, z
 
 
+@dataclass
+class HeadTask:
+    """Everything needed to check one (batch row, query head) of a step; picklable, so tasks can be
+    checked in worker processes. k_hat/v_hat are the keys and values this head was served, as exact
+    (codes, scale, zero) float64 [n, D]; ``claimed`` holds the certificate's float fields."""
+
+    batch: int
+    head: int
+    stage: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_hat: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    v_hat: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    served: torch.Tensor
+    scale: float | None
+    prec: int
+    claimed: dict[str, float]
+
+
+def head_tasks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_parts: tuple[torch.Tensor, ...],
+    v_parts: tuple[torch.Tensor, ...],
+    output: torch.Tensor,
+    cert: Certificate,
+    rows_stage1: torch.Tensor,
+    rows_stage2: torch.Tensor,
+    scale: float | None = None,
+    prec: int = 128,
+) -> Iterator[HeadTask]:
+    """One task per (batch row, query head). q, output [B, H_q, 1, D]; k, v [B, H_kv, n, D] originals;
+    k_parts, v_parts the stage-0 Tier-1 values as (codes, scale, zero) float64 [B, H_kv, n, D]
+    (``TieredKVCache.dequantized_exact``); rows_stage1/2 bool [B, H_kv, n] (``AttentionResult``)."""
+    b_n, hq, _, _ = q.shape
+    group = hq // k.shape[1]
+    n = k.shape[2]
+    all_rows = torch.ones(n, dtype=torch.bool)
+    none = torch.zeros(n, dtype=torch.bool)
+    for b in range(b_n):
+        for h in range(hq):
+            hk = h // group
+            stage = int(cert.stage[b, h, 0])
+            rows1, rows2 = rows_stage1[b, hk].cpu(), rows_stage2[b, hk].cpu()
+            key_rows = {0: none, 1: none, 2: rows2, 3: all_rows}[stage]
+            value_rows = {0: none, 1: rows1, 2: rows1 | rows2, 3: all_rows}[stage]
+            kb, vb = k[b, hk].cpu(), v[b, hk].cpu()
+            yield HeadTask(
+                b,
+                h,
+                stage,
+                q[b, h, 0].cpu(),
+                kb,
+                vb,
+                _served_parts(tuple(p[b, hk].cpu() for p in k_parts), kb, key_rows),
+                _served_parts(tuple(p[b, hk].cpu() for p in v_parts), vb, value_rows),
+                output[b, h, 0].cpu(),
+                scale,
+                prec,
+                {name: float(getattr(cert, name)[b, h, 0]) for name in CLAIMS},
+            )
+
+
+def check_head(task: HeadTask) -> HeadCheck:
+    """Exact reference for one head; a claim is violated unless claimed >= exact (compared in mpmath)."""
+    ex = exact_step(task.q, task.k, task.v, task.k_hat, task.v_hat, task.served, task.scale, task.prec)
+    exact = {
+        "tv_bound": ex.tv,
+        "key_term": ex.max_abs(ex.key),
+        "value_term": ex.max_abs(ex.value),
+        "cross_term": ex.max_abs(ex.cross),
+        "rounding_term": ex.max_abs(ex.rounding),
+        "output_bound": ex.max_abs(ex.error),
+    }
+    claimed = task.claimed
+    # a NaN claim compares False: it is a violation, never a pass
+    violations = [name for name in CLAIMS if not mpmath.mpf(claimed[name]) >= exact[name]]
+    return HeadCheck(task.batch, task.head, task.stage, claimed, {n: float(x) for n, x in exact.items()}, violations)
+
+
 def verify_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,38 +134,18 @@ def verify_step(
     scale: float | None = None,
     prec: int = 128,
 ) -> list[HeadCheck]:
-    """q [B, H_q, 1, D]; k, v [B, H_kv, n, D] originals; k_parts, v_parts the stage-0 Tier-1 values
-    as (codes, scale, zero) float64 [B, H_kv, n, D] (``TieredKVCache.dequantized_exact``)."""
-    b_n, hq, _, _ = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    cert = result.certificate
-    checks = []
-    for b in range(b_n):
-        for h in range(hq):
-            hk = h // group
-            stage = int(cert.stage[b, h, 0])
-            n = k.shape[2]
-            rows1 = result.rows_stage1[b, hk].cpu()
-            rows2 = result.rows_stage2[b, hk].cpu()
-            all_rows = torch.ones(n, dtype=torch.bool)
-            none = torch.zeros(n, dtype=torch.bool)
-            key_rows = {0: none, 1: none, 2: rows2, 3: all_rows}[stage]
-            value_rows = {0: none, 1: rows1, 2: rows1 | rows2, 3: all_rows}[stage]
-            kh = _served_parts(tuple(p[b, hk].cpu() for p in k_parts), k[b, hk].cpu(), key_rows)
-            vh = _served_parts(tuple(p[b, hk].cpu() for p in v_parts), v[b, hk].cpu(), value_rows)
-            ex = exact_step(
-                q[b, h, 0].cpu(), k[b, hk].cpu(), v[b, hk].cpu(), kh, vh, result.output[b, h, 0].cpu(), scale, prec
-            )
-            exact = {
-                "tv_bound": ex.tv,
-                "key_term": ex.max_abs(ex.key),
-                "value_term": ex.max_abs(ex.value),
-                "cross_term": ex.max_abs(ex.cross),
-                "rounding_term": ex.max_abs(ex.rounding),
-                "output_bound": ex.max_abs(ex.error),
-            }
-            claimed = {name: float(getattr(cert, name)[b, h, 0]) for name in CLAIMS}
-            violations = [name for name in CLAIMS if not mpmath.mpf(claimed[name]) >= exact[name]]
-            checks.append(HeadCheck(b, h, stage, claimed, {n_: float(x) for n_, x in exact.items()}, violations))
-    return checks
+    """Check every head of a served step (arguments as in ``head_tasks``)."""
+    tasks = head_tasks(
+        q,
+        k,
+        v,
+        k_parts,
+        v_parts,
+        result.output,
+        result.certificate,
+        result.rows_stage1,
+        result.rows_stage2,
+        scale,
+        prec,
+    )
+    return [check_head(t) for t in tasks]

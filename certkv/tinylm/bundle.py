@@ -1,44 +1,30 @@
-"""Build the small data files bundled with the package from the tinylm model (run on the CPU).
+"""Build the trace bundled with the package, which ``certkv audit`` checks when given no argument.
 
-``certkv/data/demo_step.safetensors``: layer 3 of tinylm (an outlier-channel layer) on the first 1024
-bytes of the held-out sample: q of the last 8 positions [1, 4, 8, 128] and k, v of all positions
-[1, 2, 1024, 128] (bf16, post-RoPE). ``certkv demo`` replays them as 8 decode steps.
+``certkv/data/trace/``: the repo's tiny model (certkv/data/tinylm) decoding 8 tokens after the first
+1016 tokens of the held-out sample, every layer and head recorded, default ``CertConfig``. Recorded on
+the CPU, so an audit on a CPU of the same platform also compares stage-3 outputs bit for bit.
 
 Usage: ``python -m certkv.tinylm.bundle``
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from certkv.capture import capture, load_model
-from certkv.tinylm.data import BOS, encode
+from certkv.capture import DEFAULT_MODEL
+from certkv.record import record
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-DEMO_LAYER = 3
-DEMO_CONTEXT = 1024
-DEMO_STEPS = 8
-
-
-def sample_ids(length: int) -> torch.Tensor:
-    text = (DATA / "heldout_sample.txt").read_text(encoding="utf-8")
-    return torch.tensor([[BOS, *encode(text)[: length - 1]]])
+TRACE = DATA / "trace"
+PROMPT_TOKENS = 1016
+NEW_TOKENS = 8
 
 
 def main() -> None:
-    model = load_model()
-    cap = capture(model, sample_ids(DEMO_CONTEXT))
-    tensors = {
-        "q": cap.q[DEMO_LAYER][:, :, -DEMO_STEPS:].contiguous(),
-        "k": cap.k[DEMO_LAYER].contiguous(),
-        "v": cap.v[DEMO_LAYER].contiguous(),
-    }
-    meta = {"layer": str(DEMO_LAYER), "scaling": repr(cap.scaling[DEMO_LAYER]), "source": "tinylm, heldout_sample.txt"}
-    save_file(tensors, str(DATA / "demo_step.safetensors"), metadata=meta)
-    print({k: tuple(v.shape) for k, v in tensors.items()})
+    shutil.rmtree(TRACE, ignore_errors=True)
+    text = (DATA / "heldout_sample.txt").read_text(encoding="utf-8")
+    print(record(DEFAULT_MODEL, text, TRACE, max_new_tokens=NEW_TOKENS, prompt_tokens=PROMPT_TOKENS))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from certkv.attention import dense_attention
 from certkv.cache import MemoryReport, TieredKVCache, certified_attention
 from certkv.certificate import AttentionResult, Certificate
 from certkv.config import CertConfig
+from certkv.trace import TraceRecorder, TraceSample
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,8 @@ __all__ = [
     "Certificate",
     "MemoryReport",
     "TieredKVCache",
+    "TraceRecorder",
+    "TraceSample",
     "certified_attention",
     "dense_attention",
     "errors",

@@ -1,11 +1,9 @@
 """Record a trace from a Hugging Face causal LM: ``certkv record``.
 
-The model generates greedily (dense attention); then one forward pass over prompt + generation
-captures every layer's post-RoPE q, k, v (``certkv.capture``), and the decode is replayed through a
-``TieredKVCache`` position by position, layer by layer: the prompt is appended as prefill, and each
-generated position appends its k, v and attends with its q. The certified outputs are recorded but
-not fed back into the model (teacher forcing); closed-loop generation through the cache is the
-Hugging Face integration's job.
+The model decodes greedily through a ``certkv.hf.CertifiedCache`` carrying a ``TraceRecorder``: the
+prompt is prefilled with exact attention (filling the tiers), and each of the ``max_new_tokens``
+decode steps is served, certified and recorded exactly as a user's generation would be (closed loop:
+certified outputs feed the next token).
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from typing import Any
 import torch
 
 from certkv import errors
-from certkv.cache import TieredKVCache
-from certkv.capture import capture, load_model
 from certkv.config import CertConfig
 from certkv.trace import TraceRecorder, TraceSample
 
@@ -50,34 +46,27 @@ def record(
     sample: TraceSample | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Write a trace of ``max_new_tokens`` decode steps after the first ``prompt_tokens`` tokens of
-    ``text``; returns a small summary (tokens, steps, stage counts)."""
+    """Write a trace of ``max_new_tokens`` certified decode steps after the first ``prompt_tokens``
+    tokens of ``text``; returns a small summary (tokens, the generated text's ids, stage counts)."""
+    from transformers import AutoModelForCausalLM
+
+    from certkv.hf import CertifiedCache, register
+
     if max_new_tokens < 1:
         raise errors.ConfigError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    model = load_model(model_path, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, attn_implementation=register()).eval()
     ids = tokenize(model, model_path, text)
     if prompt_tokens is not None:
         ids = ids[:, :prompt_tokens]
     if ids.shape[1] < 2:
         raise errors.ConfigError("the prompt must have at least 2 tokens")
-    full = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=0,
-    )  # fmt: skip
-    cap = capture(model, full)
-    n0 = ids.shape[1]
-    layers = len(cap.k)
-    _, hkv, _, d = cap.k[0].shape
-    meta = {"model": str(model_path), "prompt_tokens": n0, "new_tokens": int(full.shape[1] - n0)}
-    stages = [0, 0, 0, 0]
+    meta = {"model": str(model_path), "prompt_tokens": int(ids.shape[1]), "decode_steps": max_new_tokens}
     with TraceRecorder(out, sample=sample, metadata=meta) as rec:
-        cache = TieredKVCache(layers, hkv, d, config=config, recorder=rec)
-        for layer in range(layers):
-            cache.append(layer, cap.k[layer][:, :, :n0], cap.v[layer][:, :, :n0])
-        for t in range(n0, full.shape[1]):
-            for layer in range(layers):
-                cache.append(layer, cap.k[layer][:, :, t : t + 1], cap.v[layer][:, :, t : t + 1])
-                res = cache.attend(layer, cap.q[layer][:, :, t : t + 1], scale=cap.scaling[layer])
-                for s in res.certificate.stage.flatten().tolist():
-                    stages[int(s)] += 1
-    return {"tokens": int(full.shape[1]), "steps": int(full.shape[1] - n0), "stages": stages}
+        cache = CertifiedCache(model.config, config, recorder=rec)
+        # the first new token comes from the exact prefill; each further one from a certified step
+        full = model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=max_new_tokens + 1,
+            min_new_tokens=max_new_tokens + 1, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    report = cache.report()
+    return {"tokens": int(full.shape[1]), "new_ids": full[0, ids.shape[1] :].tolist(), "stages": report.stages}

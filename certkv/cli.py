@@ -1,4 +1,4 @@
-"""Command line: ``certkv audit`` (re-check a recorded trace exactly) and ``certkv record``.
+"""Command line: ``certkv audit`` (re-check a recorded trace exactly), ``certkv record`` and ``certkv eval``.
 
 Exit codes of ``audit``: 0 every claim held; 1 a claim was violated (the first ones are listed);
 2 the trace is unreadable, corrupt, tampered, or incomplete (unless ``--allow-partial``).
@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,53 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from certkv.evaluate import EvalSpec, plot, run, to_markdown
+
+    spec = EvalSpec(
+        model=str(args.model),
+        text=Path(args.text).read_text(encoding="utf-8"),
+        methods=tuple(args.methods),
+        bpb_lengths=tuple(args.bpb_lengths),
+        bpb_score=args.bpb_score,
+        bpb_windows=args.bpb_windows,
+        passkey_lengths=tuple(args.passkey_lengths),
+        passkey_depths=tuple(args.depths),
+        passkey_trials=args.trials,
+        key_outlier=args.key_outlier,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True, disable=args.quiet) as bar:  # fmt: skip
+        task = bar.add_task("eval", total=None)
+        results = run(spec, progress=lambda label, i, n: bar.update(task, description=label, completed=i, total=n))
+    from certkv.capture import DEFAULT_MODEL
+
+    unit = "byte" if Path(args.model).resolve() == DEFAULT_MODEL.resolve() else "token"
+    table = to_markdown(results, unit)
+    print(table)
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if args.markdown:
+        command = "certkv " + shlex.join(args.argv)
+        head = (
+            f"Model `{args.model}`{f', key outlier x{args.key_outlier}' if args.key_outlier else ''}; text "
+            f"`{args.text}`; device {args.device}, {args.dtype}; command `{command}`\n\n"
+        )
+        Path(args.markdown).write_text(head + table + "\n")
+    if args.json:
+        payload = {"spec": {**dataclasses.asdict(spec), "text": str(args.text)},
+                   "results": [dataclasses.asdict(r) for r in results]}  # fmt: skip
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.plot:
+        plot(results, str(args.plot))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="certkv", description=certkv.__doc__)
     parser.add_argument("--version", action="version", version=f"certkv {certkv.__version__}")
@@ -158,7 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--every", type=int, default=1, help="record every N-th step of each layer")
     r.set_defaults(func=_record)
 
+    from certkv.capture import DEFAULT_MODEL
+    from certkv.evaluate import DEFAULT_METHODS
+
+    e = sub.add_parser("eval", help="quality of dense, naive and certified caches on bpb and passkey tasks")
+    e.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="local checkpoint (default: bundled tinylm)")
+    e.add_argument("--text", type=Path, default=DATA / "heldout_sample.txt", help="UTF-8 text: bpb windows, filler")
+    e.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="dense naive certified certified-strict naive-k4 certified-k4")  # fmt: skip
+    e.add_argument("--bpb-lengths", type=int, nargs="*", default=[512, 1024])
+    e.add_argument("--bpb-score", type=int, default=128, help="scored (certified) tokens at the end of each window")
+    e.add_argument("--bpb-windows", type=int, default=2)
+    e.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024])
+    e.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    e.add_argument("--trials", type=int, default=4)
+    e.add_argument("--key-outlier", type=float, help="stress model: one key channel pair scaled by this")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--markdown", type=Path, help="write the tables with model, data and command")
+    e.add_argument("--json", type=Path)
+    e.add_argument("--plot", type=Path)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args))
     except errors.ConfigError as exc:

@@ -14,25 +14,9 @@ from typing import Any
 import torch
 
 from certkv import errors
+from certkv.codec import TextCodec
 from certkv.config import CertConfig
 from certkv.trace import TraceRecorder, TraceSample
-
-BYTE_VOCAB = 258  # the repo's tiny model: 256 bytes, BOS, EOS (certkv.tinylm.data)
-
-
-def tokenize(model: Any, path: str | Path, text: str) -> torch.Tensor:
-    """Token ids [1, T] of ``text``: the checkpoint's tokenizer, or bytes for a byte-level model."""
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        if getattr(model.config, "vocab_size", None) != BYTE_VOCAB:
-            raise errors.ConfigError(f"{path}: no tokenizer found and the model is not byte-level") from None
-        from certkv.tinylm.data import BOS, encode
-
-        return torch.tensor([[BOS, *encode(text)]])
-    return torch.tensor([tok(text)["input_ids"]])
 
 
 @torch.no_grad()
@@ -55,7 +39,7 @@ def record(
     if max_new_tokens < 1:
         raise errors.ConfigError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, attn_implementation=register()).eval()
-    ids = tokenize(model, model_path, text)
+    ids = torch.tensor([TextCodec(model, model_path).encode(text, bos=True)])
     if prompt_tokens is not None:
         ids = ids[:, :prompt_tokens]
     if ids.shape[1] < 2:

@@ -1,0 +1,63 @@
+"""certkv eval: the stress model, the tasks and the paired comparison, on the tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig
+
+from certkv.capture import DEFAULT_MODEL
+from certkv.cli import main
+from certkv.evaluate import EvalSpec, MethodResult, add_key_outlier, method_config, paired_difference, run
+from tests.test_hf import tiny_model
+
+
+@torch.no_grad()
+def test_key_outlier_changes_the_keys_not_the_model():
+    model = tiny_model(LlamaConfig)
+    ids = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(4))
+    before = model(ids, use_cache=False).logits
+    k_before = model.model.layers[0].self_attn.k_proj.weight.clone()
+    add_key_outlier(model, 32.0)  # a power of two: every scaling is exact, so q.k is unchanged bit for bit
+    assert torch.equal(model(ids, use_cache=False).logits, before)
+    ratio = model.model.layers[0].self_attn.k_proj.weight.abs().amax(-1) / k_before.abs().amax(-1)
+    assert int((ratio == 32).sum()) == 2 * 2  # one RoPE channel pair per KV head
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_differences():
+    a = MethodResult("bpb", "s", "x", 0.0, samples=[1.0, 2.0, 4.0])
+    b = MethodResult("bpb", "s", "dense", 0.0, samples=[1.0, 1.0, 1.0])
+    diff, err = paired_difference(a, b)
+    assert diff == pytest.approx(4 / 3)
+    assert err == pytest.approx(math.sqrt(((0 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2 + (3 - 4 / 3) ** 2) / 2 / 3))
+    with pytest.raises(ValueError, match="unknown method"):
+        method_config("fp4-magic")
+
+
+def test_outlier_keys_break_naive_int4_and_the_ladder_recovers():
+    text = (DEFAULT_MODEL.parent / "heldout_sample.txt").read_text()
+    spec = EvalSpec(
+        str(DEFAULT_MODEL), text, methods=("dense", "naive-k4", "certified-k4"), bpb_lengths=(384,), bpb_score=64,
+        bpb_windows=1, passkey_lengths=(), key_outlier=64.0,
+    )  # fmt: skip
+    dense, naive, cert = run(spec)
+    d_naive, e_naive = paired_difference(naive, dense)
+    d_cert, e_cert = paired_difference(cert, dense)
+    assert d_naive > 1.0 and d_naive > 3 * e_naive  # per-token INT4 keys lose the other channels: clearly worse
+    assert abs(d_cert) <= 2 * e_cert + 1e-3  # certified: equal to dense within the paired noise
+    assert naive.rejected > 0 and cert.rejected == 0 and sum(cert.stages[1:]) > 0
+
+
+def test_eval_cli_writes_markdown_json_and_plot(tmp_path, capsys):
+    args = ["eval", "--bpb-lengths", "260", "--bpb-score", "8", "--bpb-windows", "1", "--passkey-lengths", "260",
+            "--depths", "0.5", "--trials", "1", "--methods", "dense", "certified", "--quiet",
+            "--markdown", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
+            "--plot", str(tmp_path / "r.png")]  # fmt: skip
+    assert main(args) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "certkv eval --bpb-lengths 260" in md and "| ctx 260 | certified |" in md and "passkey" in md
+    assert (tmp_path / "r.png").stat().st_size > 5000 and (tmp_path / "r.json").stat().st_size > 100

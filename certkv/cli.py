@@ -139,9 +139,10 @@ def _eval(args: argparse.Namespace) -> int:
         bpb_lengths=tuple(args.bpb_lengths),
         bpb_score=args.bpb_score,
         bpb_windows=args.bpb_windows,
-        passkey_lengths=tuple(args.passkey_lengths),
+        tasks=tuple(args.tasks),
+        gen_lengths=tuple(args.lengths),
         passkey_depths=tuple(args.depths),
-        passkey_trials=args.trials,
+        trials=args.trials,
         key_outlier=args.key_outlier,
         device=args.device,
         dtype=args.dtype,
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     from certkv.capture import DEFAULT_MODEL
     from certkv.evaluate import DEFAULT_METHODS
 
-    e = sub.add_parser("eval", help="quality of dense, naive and certified caches on bpb and passkey tasks")
+    e = sub.add_parser(
+        "eval", help="quality of dense, naive and certified caches on bpb, passkey and RULER-style tasks"
+    )
     e.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="local checkpoint (default: bundled tinylm)")
     e.add_argument("--text", type=Path, default=DATA / "heldout_sample.txt", help="UTF-8 text: bpb windows, filler")
     e.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
@@ -217,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--bpb-lengths", type=int, nargs="*", default=[512, 1024])
     e.add_argument("--bpb-score", type=int, default=128, help="scored (certified) tokens at the end of each window")
     e.add_argument("--bpb-windows", type=int, default=2)
-    e.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024])
-    e.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    e.add_argument("--tasks", nargs="+", default=["bpb", "passkey"], help="bpb passkey mk-niah vt cwe")
+    e.add_argument("--lengths", type=int, nargs="+", default=[1024], help="prompt lengths of the generation tasks")
+    e.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="passkey depths")
     e.add_argument("--trials", type=int, default=4)
     e.add_argument("--key-outlier", type=float, help="stress model: one key channel pair scaled by this")
     e.add_argument("--device", default="cpu")

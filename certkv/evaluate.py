@@ -5,8 +5,9 @@ Tasks (all deterministic from ``seed``):
     non-overlapping windows of ``length`` tokens of a text: the first ``length - score`` tokens are
     prefilled (exact attention), the scored ones are fed as one chunk, which certkv serves position
     by position over the quantized cache (chunked prefill, certified).
-  * ``passkey``: a 5-digit key stated at a given depth of filler text, greedy decoding of 5 tokens
-    through the cache; accuracy over ``trials`` prompts per (length, depth).
+  * ``passkey``, ``mk-niah``, ``vt``, ``cwe`` (``certkv.synthetic``): prompts of a given length,
+    greedy decoding through the cache, scored by the share of expected strings in the answer, over
+    ``trials`` prompts per setting (the same prompts for every method).
 Methods: ``dense`` (transformers' own cache and SDPA), and certkv caches given by a ``CertConfig``:
 ``naive`` quantization without fallback (``max_stage=0``: the quantized output is served whatever
 its bound), ``certified`` (defaults), ``certified-strict`` (tolerances 4x tighter), and the
@@ -29,6 +30,7 @@ import torch
 
 from certkv.codec import TextCodec
 from certkv.config import CertConfig
+from certkv.synthetic import TASKS, make_probe, score
 
 DEFAULT_METHODS = ("dense", "naive", "certified", "certified-strict")
 
@@ -142,55 +144,35 @@ def bits_per_token(model: Any, ids: torch.Tensor, method: str, length: int, scor
     return res
 
 
-PASSKEY_INTRO = "There is a pass key hidden in this text. Remember it. The pass key is {key}. "
-PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
-
-
-def passkey_prompt(
-    codec: TextCodec, filler: list[int], length: int, depth: float, rng: random.Random
-) -> tuple[list[int], str]:
-    """About ``length`` ids: filler with the key stated at ``depth``, then the question; and the key."""
-    key = f"{rng.randrange(10000, 100000)}"
-    intro = codec.encode(PASSKEY_INTRO.format(key=key))
-    question = codec.encode(PASSKEY_QUESTION)
-    head = codec.encode("", bos=True)
-    n_fill = max(0, length - len(intro) - len(question) - len(head))
-    if n_fill >= len(filler):
-        raise ValueError(f"the filler text has {len(filler)} ids: too short for a passkey prompt of {length}")
-    start = rng.randrange(0, len(filler) - n_fill)
-    fill = filler[start : start + n_fill]
-    at = int(depth * len(fill))
-    return [*head, *fill[:at], *intro, *fill[at:], *question], key
-
-
 @torch.no_grad()
-def passkey(
-    model: Any, codec: TextCodec, filler: list[int], method: str, length: int, depth: float, trials: int, seed: int
-) -> MethodResult:
-    """``passkey`` task (module docstring): a hit when the decoded answer contains the key."""
+def generation(
+    model: Any, codec: TextCodec, filler: list[int], method: str, task: str, length: int, depth: float, trials: int,
+    seed: int,
+) -> MethodResult:  # fmt: skip
+    """A synthetic task (``certkv.synthetic``): greedy decoding through the cache; the score of a trial is
+    the share of expected strings in the answer; ``quality`` is the mean score."""
     cfg = method_config(method)
-    res = MethodResult("passkey", f"len {length} depth {depth:.0%}", method, math.nan)
-    rng = random.Random(seed * 1_000_003 + length * 101 + int(depth * 100))
+    where = f" depth {depth:.0%}" if task == "passkey" else ""
+    res = MethodResult(task, f"len {length}{where}", method, math.nan)
+    rng = random.Random(f"{seed}/{task}/{length}/{depth}")  # the same probes for every method
     dev = next(model.parameters()).device
-    hits, tokens, seconds = 0, 0, 0.0
+    tokens, seconds = 0, 0.0
     for _ in range(trials):
-        prompt, key = passkey_prompt(codec, filler, length, depth, rng)
-        new = len(codec.encode(key)) + 2
-        x = torch.tensor([prompt], device=dev)
+        probe = make_probe(task, codec, filler, length, depth, rng)
+        x = torch.tensor([probe.prompt], device=dev)
         cache = _cache(model, cfg)
         t0 = time.perf_counter()
         out = model.generate(
-            x, attention_mask=torch.ones_like(x), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=0,
+            x, attention_mask=torch.ones_like(x), past_key_values=cache, max_new_tokens=probe.new_tokens,
+            min_new_tokens=probe.new_tokens, do_sample=False, pad_token_id=0,
         )  # fmt: skip
         seconds += time.perf_counter() - t0
-        tokens += new
-        hit = key in codec.decode(out[0, len(prompt) :].tolist())
-        hits += hit
-        res.samples.append(float(hit))
+        tokens += probe.new_tokens
+        res.samples.append(score(probe, codec.decode(out[0, len(probe.prompt) :].tolist())))
         _account(res, cache, tokens, seconds)
-    res.quality = hits / trials
-    res.stderr = math.sqrt(res.quality * (1 - res.quality) / trials)
+    vals = torch.tensor(res.samples, dtype=torch.float64)
+    res.quality = float(vals.mean())
+    res.stderr = float(vals.std() / math.sqrt(trials)) if trials > 1 else math.nan
     return res
 
 
@@ -204,9 +186,10 @@ class EvalSpec:
     bpb_lengths: tuple[int, ...] = (512, 1024)
     bpb_score: int = 128
     bpb_windows: int = 2
-    passkey_lengths: tuple[int, ...] = (1024,)
+    tasks: tuple[str, ...] = ("bpb", "passkey")
+    gen_lengths: tuple[int, ...] = (1024,)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    passkey_trials: int = 4
+    trials: int = 4
     key_outlier: float | None = None
     device: str = "cpu"
     dtype: str = "bfloat16"
@@ -230,15 +213,19 @@ def run(spec: EvalSpec, progress: Any = None) -> list[MethodResult]:
     ids = codec.encode(spec.text, bos=True)
     results: list[MethodResult] = []
     jobs: list[tuple[str, Any]] = []
-    for length in spec.bpb_lengths:
+    for task in spec.tasks:
+        if task != "bpb" and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: bpb, {', '.join(TASKS)}")
+    for length in spec.bpb_lengths if "bpb" in spec.tasks else ():
         for m in spec.methods:
             jobs.append((f"bpb ctx {length} {m}", lambda m=m, n=length: bits_per_token(
                 model, torch.tensor(ids), m, n, spec.bpb_score, spec.bpb_windows)))  # fmt: skip
-    for length in spec.passkey_lengths:
-        for depth in spec.passkey_depths:
-            for m in spec.methods:
-                jobs.append((f"passkey len {length} depth {depth} {m}", lambda m=m, n=length, d=depth: passkey(
-                    model, codec, ids[1:], m, n, d, spec.passkey_trials, spec.seed)))  # fmt: skip
+    for task in (t for t in spec.tasks if t != "bpb"):
+        for length in spec.gen_lengths:
+            for depth in spec.passkey_depths if task == "passkey" else (0.0,):
+                for m in spec.methods:
+                    jobs.append((f"{task} len {length} {m}", lambda m=m, n=length, d=depth, t=task: generation(
+                        model, codec, ids[1:], m, t, n, d, spec.trials, spec.seed)))  # fmt: skip
     for label, job in jobs:
         if progress is not None:
             progress(label, len(results), len(jobs))
@@ -260,7 +247,14 @@ def to_markdown(results: list[MethodResult], unit: str = "byte") -> str:
     difference from dense, the share of head-steps served per ladder stage, head-steps over
     tolerance, Tier-1 memory ratio and speed."""
     lines = []
-    for task, title in (("bpb", f"bits per {unit} (lower is better)"), ("passkey", "passkey accuracy")):
+    titles = {
+        "bpb": f"bits per {unit} (lower is better)",
+        "passkey": "passkey retrieval, accuracy",
+        "mk-niah": "multi-key needle in a haystack (RULER-style), accuracy",
+        "vt": "variable tracking (RULER-style), share of chain variables named",
+        "cwe": "common-word extraction (RULER-style), share of the 3 common words named",
+    }
+    for task, title in titles.items():
         rows = [r for r in results if r.task == task]
         if not rows:
             continue
@@ -292,7 +286,7 @@ def plot(results: list[MethodResult], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in ("bpb", "passkey") if any(r.task == t for r in results)]
+    tasks = list(dict.fromkeys(r.task for r in results))
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in results if r.task == task]
@@ -305,7 +299,7 @@ def plot(results: list[MethodResult], out: str) -> None:
             ax.bar(xs, [got[s].quality for s in settings if s in got], width,
                    yerr=[got[s].stderr for s in settings if s in got], label=m, capsize=2)  # fmt: skip
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], settings, rotation=20, fontsize=8)
-        ax.set_ylabel("bits per token" if task == "bpb" else "accuracy")
+        ax.set_ylabel("bits per token" if task == "bpb" else "score")
         ax.set_title(task)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -42,7 +42,7 @@ def test_outlier_keys_break_naive_int4_and_the_ladder_recovers():
     text = (DEFAULT_MODEL.parent / "heldout_sample.txt").read_text()
     spec = EvalSpec(
         str(DEFAULT_MODEL), text, methods=("dense", "naive-k4", "certified-k4"), bpb_lengths=(384,), bpb_score=64,
-        bpb_windows=1, passkey_lengths=(), key_outlier=64.0,
+        bpb_windows=1, tasks=("bpb",), key_outlier=64.0,
     )  # fmt: skip
     dense, naive, cert = run(spec)
     d_naive, e_naive = paired_difference(naive, dense)
@@ -53,11 +53,32 @@ def test_outlier_keys_break_naive_int4_and_the_ladder_recovers():
 
 
 def test_eval_cli_writes_markdown_json_and_plot(tmp_path, capsys):
-    args = ["eval", "--bpb-lengths", "260", "--bpb-score", "8", "--bpb-windows", "1", "--passkey-lengths", "260",
+    args = ["eval", "--bpb-lengths", "260", "--bpb-score", "8", "--bpb-windows", "1",
+            "--tasks", "bpb", "passkey", "vt", "--lengths", "260",
             "--depths", "0.5", "--trials", "1", "--methods", "dense", "certified", "--quiet",
             "--markdown", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
             "--plot", str(tmp_path / "r.png")]  # fmt: skip
     assert main(args) == 0
     md = (tmp_path / "r.md").read_text()
-    assert "certkv eval --bpb-lengths 260" in md and "| ctx 260 | certified |" in md and "passkey" in md
+    assert "certkv eval --bpb-lengths 260" in md and "| ctx 260 | certified |" in md
+    assert "| len 260 depth 50% | certified |" in md and "variable tracking" in md
     assert (tmp_path / "r.png").stat().st_size > 5000 and (tmp_path / "r.json").stat().st_size > 100
+
+
+def test_probes_are_deterministic_and_scored_by_their_answers():
+    import random
+
+    from certkv.codec import TextCodec
+    from certkv.synthetic import TASKS, make_probe, score
+
+    class Byte:  # the byte-level codec needs only the model's vocabulary size
+        config = type("C", (), {"vocab_size": 258})()
+
+    codec = TextCodec(Byte(), "/nonexistent")
+    filler = codec.encode((DEFAULT_MODEL.parent / "heldout_sample.txt").read_text())
+    for task in TASKS:
+        a, b = (make_probe(task, codec, filler, 700, 0.3, random.Random(5)) for _ in range(2))
+        assert a == b and abs(len(a.prompt) - 700) <= 10
+        text = codec.decode(a.prompt)
+        assert all(ans in text for ans in a.answers)
+        assert score(a, " ".join(a.answers)) == 1.0 and score(a, "nothing") == 0.0

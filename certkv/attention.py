@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from certkv.certificate import Certificate
-from certkv.rounding import EXP_ABS, EXP_REL, U32, U64, gamma, inflate
+from certkv.rounding import EXP_ABS, EXP_REL, U32, U64, gamma, inflate, quotient_bound
 from certkv.tv import tanh_bound, tv_bound
 
 # Tokens whose weight is below e^-TAIL_GAP of the largest are bounded as a block (float64 exp would
@@ -197,14 +197,14 @@ def _certified_step(
     deviation = _weighted_deviation(spread, tokens, centre)  # sum_i spread_i (|v_used - c| + eta + dq)
     far = torch.maximum(tokens.v_max.double().unsqueeze(2) - centre, centre - tokens.v_min.double().unsqueeze(2))
     key_tok = deviation * inflate(n) + 2 * tail_mass.unsqueeze(-1) * far
-    key_j = torch.where(per_token, torch.minimum(tv.unsqueeze(-1) * v_range, key_tok), tv.unsqueeze(-1) * v_range)
-    value_tv = torch.matmul(pi, eta) * inflate(n) + tv_pp.unsqueeze(-1) * (eta_max - eta_min)
+    key_tv, value_tv, cross_tv = tv_terms(
+        tv.unsqueeze(-1), tv_pp.unsqueeze(-1), v_range, torch.matmul(pi, eta) * inflate(n), eta_max, eta_min
+    )
+    key_j = torch.where(per_token, torch.minimum(key_tv, key_tok), key_tv)
     value_tok = torch.matmul(pi * (1 + g_p), eta) * inflate(n) + tail_mass.unsqueeze(-1) * eta_max
     value_j = torch.where(per_token, torch.minimum(value_tv, value_tok), value_tv)
     cross_tok = torch.matmul(spread, eta) * inflate(n) + 2 * tail_mass.unsqueeze(-1) * eta_max
-    cross_j = torch.where(
-        per_token, torch.minimum(tv.unsqueeze(-1) * 2 * eta_max, cross_tok), tv.unsqueeze(-1) * 2 * eta_max
-    )
+    cross_j = torch.where(per_token, torch.minimum(cross_tv, cross_tok), cross_tv)
 
     # ---- rounding: |output - sum p_hat v_hat| ----
     alpha = EXP_REL + 1.01 * U32 * gap.clamp(max=110.0).amax(-1)  # [B, Hkv, G]
@@ -221,7 +221,7 @@ def _certified_step(
     err_den = gn * s_m + alpha * l_w + n * beta
     l64 = l_sum.double()  # >= 1: the largest token contributes exp(0) = 1
     y64 = y.double()
-    quotient = (err_num.unsqueeze(-1) + (acc.double().abs() + err_num.unsqueeze(-1)) * err_den.unsqueeze(-1)) / l64
+    quotient = quotient_bound(acc.double().abs(), err_num.unsqueeze(-1), err_den.unsqueeze(-1), l64)
     division = 1.01 * U32 * y64.abs()
     cast = (out.double() - y64).abs()
     # p_hat vs the exact softmax of the computed logits: TV <= tanh(max rho / 2)
@@ -247,6 +247,22 @@ def _certified_step(
     )
     detail = StepDetail(weights=pi, radius=r_p, value_radius=eta.amax(-1))
     return out, cert, detail
+
+
+def tv_terms(
+    tv: torch.Tensor,
+    tv_pi: torch.Tensor,
+    v_range: torch.Tensor,
+    pi_eta: torch.Tensor,
+    eta_max: torch.Tensor,
+    eta_min: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The TV forms of the three terms, per output coordinate (docs/theory.md section 4; proofs/ lemma 4):
+
+    key <= TV(p, p_hat) * range(v);  value <= sum pi eta + TV(p, pi) * (eta_max - eta_min);
+    cross <= TV(p, p_hat) * 2 eta_max
+    for any distribution pi (``pi_eta`` = sum_i pi_i eta_i, ``tv_pi`` >= TV(p, pi))."""
+    return tv * v_range, pi_eta + tv_pi * (eta_max - eta_min), tv * 2 * eta_max
 
 
 def _ratio_excess(pi: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:

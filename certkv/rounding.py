@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 U32 = 2.0**-24
 U64 = 2.0**-53
 EXP_REL = 2.0**-20  # 16 ulp of binary32; the library exps measured are within ~1-2 ulp
@@ -37,3 +39,12 @@ def inflate(n_terms: int, u: float = U64) -> float:
     exact sum: computed = exact * (1 + theta), |theta| <= gamma_n, so exact <= computed / (1 - gamma_n);
     the extra 4 units cover the rounding of this multiplication itself."""
     return 1.0 / (1.0 - gamma(n_terms + 4, u)) + 4 * u
+
+
+def quotient_bound(
+    acc_abs: torch.Tensor, err_num: torch.Tensor, err_den: torch.Tensor, denom: torch.Tensor
+) -> torch.Tensor:
+    """|acc / l - N / L| <= (E_N + (|acc| + E_N) E_L) / l whenever |acc - N| <= E_N, |l - L| <= E_L,
+    L >= 1 and l > 0 (real arithmetic; proofs/ lemma 5 (iii)), with acc_abs = |acc|, err_num = E_N,
+    err_den = E_L and denom = l: the normalisation error of the output."""
+    return (err_num + (acc_abs + err_num) * err_den) / denom

@@ -52,11 +52,15 @@ def _dequantization() -> z3.CheckSatResult:
 
 
 def _quotient(with_denominator_term: bool) -> tuple[z3.CheckSatResult, z3.Solver]:
+    """The bound of ``certkv.rounding.quotient_bound``; the mutation drops its E_L term (and asks for a
+    margin of 1/1000 so the replay in float64 cannot be decided by rounding)."""
     s = z3.Solver()
     acc, big_n, l_, big_l, e_n, e_l = z3.Reals("acc N l L EN EL")
     s.add(e_n >= 0, e_l >= 0, big_l >= 1, l_ > 0, _abs(acc - big_n) <= e_n, _abs(l_ - big_l) <= e_l)
-    bound = (e_n + (_abs(acc) + e_n) * e_l) / l_ if with_denominator_term else e_n / l_
-    s.add(_abs(acc / l_ - big_n / big_l) > bound)
+    if with_denominator_term:
+        s.add(_abs(acc / l_ - big_n / big_l) > (e_n + (_abs(acc) + e_n) * e_l) / l_)
+    else:
+        s.add(_abs(acc / l_ - big_n / big_l) > e_n / l_ + z3.RealVal("0.001"))
     return s.check(), s
 
 
@@ -66,7 +70,13 @@ def prove() -> z3.CheckSatResult:
 
 
 def mutation() -> tuple[z3.CheckSatResult, str]:
-    """Weakened: ignore the error of the denominator l (keep only E_N / l)."""
+    """Weakened: ignore the error of the denominator l (E_L = 0). The counterexample is replayed
+    through the runtime's own ``certkv.rounding.quotient_bound``: with E_L dropped it is violated,
+    with E_L it holds."""
+    import torch
+
+    from certkv.rounding import quotient_bound
+
     r, s = _quotient(False)
     if r != z3.sat:
         return r, "no counterexample"
@@ -76,7 +86,17 @@ def mutation() -> tuple[z3.CheckSatResult, str]:
         f = m.eval(z3.Real(name), model_completion=True).as_fraction()
         return mpmath.mpf(f.numerator) / f.denominator
 
-    acc, big_n, l_, big_l, e_n = (val(x) for x in ("acc", "N", "l", "L", "EN"))
+    acc, big_n, l_, big_l, e_n, e_l = (val(x) for x in ("acc", "N", "l", "L", "EN", "EL"))
     actual = abs(acc / l_ - big_n / big_l)
-    assert actual > e_n / l_  # replayed in exact arithmetic
-    return r, f"acc={acc}, N={big_n}, l={l_}, L={big_l}: |acc/l - N/L| = {actual} > E_N/l = {e_n / l_}"
+
+    def runtime(err_den: mpmath.mpf) -> float:
+        t = [torch.tensor(float(x), dtype=torch.float64) for x in (abs(acc), e_n, err_den, l_)]
+        return float(quotient_bound(*t))
+
+    weak, full = runtime(mpmath.mpf(0)), runtime(e_l)
+    assert actual > weak * (1 + 1e-12), "the mutated runtime bound should be violated"
+    assert actual <= full * (1 + 1e-12), "the runtime bound must hold"
+    return r, (
+        f"acc={acc}, N={big_n}, l={l_}, L={big_l}, E_N={e_n}, E_L={e_l}: |acc/l - N/L| = {actual} > "
+        f"quotient_bound without E_L = {weak} (with E_L: {full})"
+    )

@@ -2,7 +2,7 @@
 # certkv eval of the bundled tiny model on the GPU (run from the repository root on the device
 # machine, where certkv is used from the checkout: PYTHONPATH=.). Writes tables, JSON and plots to
 # $OUT (default benchmarks/results). Each part fits one 10-minute device call.
-# Usage: bash benchmarks/h100_eval.sh quick|long|ruler
+# Usage: bash benchmarks/h100_eval.sh quick|long|ruler|policies-a|policies-b
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -19,5 +19,16 @@ case "${1:-}" in
   ruler)
     python -m certkv.cli eval "${common[@]}" --tasks mk-niah vt cwe --lengths 4096 --trials 4 \
       --markdown "$OUT/eval_tinylm_h100_ruler.md" --json "$OUT/eval_tinylm_h100_ruler.json" ;;
-  *) echo "usage: $0 quick|long|ruler" >&2; exit 2 ;;
+  policies-a|policies-b)  # docs/policies.md: each policy without and with certification
+    if [[ "$1" == policies-a ]]; then
+      pols=(paper kivi kivi:4)
+    else
+      pols=(key-favoured:K4V2 progressive:128)
+    fi
+    methods=(dense)
+    for p in "${pols[@]}"; do methods+=("naive@$p" "certified@$p"); done
+    python -m certkv.cli eval "${common[@]}" --methods "${methods[@]}" --bpb-lengths 2048 --bpb-score 96 \
+      --bpb-windows 2 --tasks bpb passkey --lengths 2048 --depths 0.5 --trials 4 \
+      --markdown "$OUT/eval_tinylm_h100_$1.md" --json "$OUT/eval_tinylm_h100_$1.json" ;;
+  *) echo "usage: $0 quick|long|ruler|policies-a|policies-b" >&2; exit 2 ;;
 esac

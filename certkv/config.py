@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from certkv.errors import ConfigError
 
@@ -40,6 +41,9 @@ class CertConfig:
     ``strict``: raise ``CertificationError`` when the served bound exceeds tolerance.
     ``self_check``: recompute every step in float64 from Tier-2 and raise if a bound is violated
     (a debugging aid: it reads the originals, which certification never does).
+
+    ``policy``: a named preset from the literature (``certkv.policies``: "paper", "kivi", "kivi:4",
+    "key-favoured:K4V2", "progressive:512" ...) that sets the quantization fields left at their defaults.
     """
 
     key_bits: int = 8
@@ -59,8 +63,18 @@ class CertConfig:
     promote_budget: int = 256
     strict: bool = False
     self_check: bool = False
+    policy: str | None = None
 
     def __post_init__(self) -> None:
+        if self.policy is not None:
+            from certkv.policies import preset
+
+            # a policy fills the fields the caller did not pass; fields given explicitly win, even
+            # when they equal the default (``_explicit`` is recorded by ``__init__`` below)
+            given: frozenset[str] = getattr(self, "_explicit", frozenset())
+            for name, value in preset(self.policy).items():
+                if name not in given:
+                    object.__setattr__(self, name, value)
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) not in SUPPORTED_BITS:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: supported bit widths are {SUPPORTED_BITS}")
@@ -92,3 +106,15 @@ class CertConfig:
         sizes = [self.key_group_size if self.key_group_axis == "token" else 1]
         sizes.append(self.value_group_size if self.value_group_axis == "token" else 1)
         return math.lcm(*sizes)
+
+
+_FIELD_ORDER = [f.name for f in dataclasses.fields(CertConfig)]
+_generated_init = CertConfig.__init__
+
+
+def _init_recording_explicit_fields(self: CertConfig, *args: Any, **kwargs: Any) -> None:
+    object.__setattr__(self, "_explicit", frozenset(_FIELD_ORDER[: len(args)]) | frozenset(kwargs))
+    _generated_init(self, *args, **kwargs)
+
+
+CertConfig.__init__ = _init_recording_explicit_fields  # type: ignore[method-assign]

@@ -11,7 +11,8 @@ Tasks (all deterministic from ``seed``):
 Methods: ``dense`` (transformers' own cache and SDPA), and certkv caches given by a ``CertConfig``:
 ``naive`` quantization without fallback (``max_stage=0``: the quantized output is served whatever
 its bound), ``certified`` (defaults), ``certified-strict`` (tolerances 4x tighter), and the
-per-token INT4-key pair ``naive-k4``/``certified-k4`` that an outlier key channel breaks.
+per-token INT4-key pair ``naive-k4``/``certified-k4`` that an outlier key channel breaks, and
+``naive@POLICY``/``certified@POLICY`` for any ``certkv.policies`` name (e.g. ``certified@kivi``).
 
 ``key_outlier=c`` builds the stress model: in every KV head one RoPE channel pair of the key
 projection is scaled by c and the matching query channels by 1/c. q.k, hence the dense model, is
@@ -46,8 +47,11 @@ def method_config(name: str) -> CertConfig | None:
         "naive-k4": CertConfig(max_stage=0, **k4),  # type: ignore[arg-type]
         "certified-k4": CertConfig(**k4),  # type: ignore[arg-type]
     }
+    mode, _, policy = name.partition("@")
+    if policy and mode in ("naive", "certified"):
+        return CertConfig(policy=policy, max_stage=0 if mode == "naive" else CertConfig.max_stage)
     if name not in table:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(table)}")
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(table)}, naive@POLICY, certified@POLICY")
     return table[name]
 
 

@@ -1,0 +1,212 @@
+"""Split-K decode attention over certkv's Tier-1 layout, and its torch reference, side by side.
+
+Layout (the ``paper`` policy, ``CertConfig()``): keys INT8 with one 16-bit scale and zero point per
+(group of ``KEY_GROUP`` tokens, channel); values INT4, two per byte (even channel in the low nibble),
+one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels); FP16/BF16 sink and
+window tokens. One launch: programs (batch row x KV head, split) walk their share of the quantized
+tokens, dequantizing in registers, with the GQA query heads of the KV head together; one extra
+split per (row, head) takes the sink and window tokens. Each program leaves an online-softmax
+partial (running max m, sum l, weighted sum acc, binary32, log2 units); ``combine`` merges them.
+
+Status: this computes the stage-0 *output* only. It is not yet used to serve certified steps: the
+certificate of a step served by this kernel needs its own fused statistics (per-group masses and
+radii, p-weighted value radii) and a rounding analysis of the split-K arithmetic (issue 4), so
+certkv keeps serving through ``certkv.attention`` until those land. The kernel is measured against
+PyTorch SDPA in ``benchmarks/decode_bench.py`` and checked against ``decode_reference`` here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+KEY_GROUP = 128
+VALUE_GROUP = 64
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class Tier1:
+    """One layer's Tier-1 tensors, contiguous, KV heads unexpanded (B, H = batch, KV heads; n tokens).
+
+    kc uint8 [B, H, n, D]; ks, kz [B, H, n / KEY_GROUP, D]; vc uint8 [B, H, n, D / 2];
+    vs, vz [B, H, n, D / VALUE_GROUP]; sink_k/v and win_k/v [B, H, *, D] (16-bit, possibly empty)."""
+
+    kc: torch.Tensor
+    ks: torch.Tensor
+    kz: torch.Tensor
+    vc: torch.Tensor
+    vs: torch.Tensor
+    vz: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+
+@triton.jit
+def _dequant_block(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n0, rows, d, D: tl.constexpr):
+    """Keys and values of tokens n0 + rows (binary32, [BLOCK_N, D]); a block never straddles a key group."""
+    tok = n0 + rows
+    c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(tl.float32)
+    g = n0 // 128
+    k = c * tl.load(ks_ptr + g * D + d).to(tl.float32)[None, :] + tl.load(kz_ptr + g * D + d).to(tl.float32)[None, :]
+    byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + (d // 2)[None, :]).to(tl.int32)
+    code = ((byte >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
+    grp = tok[:, None] * (D // 64) + (d // 64)[None, :]
+    v = code * tl.load(vs_ptr + grp).to(tl.float32) + tl.load(vz_ptr + grp).to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, wk_ptr, wv_ptr,
+    m_ptr, l_ptr, acc_ptr,
+    n_quant, n_sink, n_win, chunk, qk_scale,
+    SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    gi = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    rows = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + bh * G * D + gi[:, None] * D + d[None, :], mask=gi[:, None] < G, other=0.0).to(tl.float32)
+    m = tl.full((GP,), -float("inf"), tl.float32)
+    l_sum = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    if split < SPLITS:
+        kc = kc_ptr + bh * n_quant * D
+        ks = ks_ptr + bh * (n_quant // 128) * D
+        kz = kz_ptr + bh * (n_quant // 128) * D
+        vc = vc_ptr + bh * n_quant * (D // 2)
+        vs = vs_ptr + bh * n_quant * (D // 64)
+        vz = vz_ptr + bh * n_quant * (D // 64)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n_quant)
+        for n0 in range(lo, hi, BLOCK_N):
+            k, v = _dequant_block(kc, ks, kz, vc, vs, vz, n0, rows, d, D)
+            t = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            m_new = tl.maximum(m, tl.max(t, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(t - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            m = m_new
+    else:
+        for seg in tl.static_range(2):
+            if seg == 0:
+                kp = sk_ptr + bh * n_sink * D
+                vp = sv_ptr + bh * n_sink * D
+                count = n_sink
+            else:
+                kp = wk_ptr + bh * n_win * D
+                vp = wv_ptr + bh * n_win * D
+                count = n_win
+            for n0 in range(0, count, BLOCK_N):
+                tok = n0 + rows
+                ok = tok < count
+                k = tl.load(kp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+                v = tl.load(vp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+                t = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                t = tl.where(ok[None, :], t, -float("inf"))
+                m_new = tl.maximum(m, tl.max(t, 1))
+                # a row that has seen no token yet keeps m = -inf: exp2(-inf - -inf) would be NaN
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(t - m_safe[:, None])
+                l_sum = l_sum * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                m = m_new
+    out = bh * (SPLITS + 1) + split
+    tl.store(m_ptr + out * GP + gi, m)
+    tl.store(l_ptr + out * GP + gi, l_sum)
+    tl.store(acc_ptr + out * GP * D + gi[:, None] * D + d[None, :], acc)
+
+
+def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs: int = 264) -> int:
+    """Splits of the quantized tokens per (row, KV head): enough programs to fill the GPU (about
+    two per SM of an H100), never a split shorter than one block."""
+    if n_quant == 0:
+        return 0
+    return max(1, min(math.ceil(target_programs / batch_heads), n_quant // block))
+
+
+def decode_partials(
+    q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, block: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D]."""
+    b, h, g, d = q.shape
+    n_quant = t1.kc.shape[2]
+    if n_quant % KEY_GROUP or d % VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
+        raise ValueError("layout: n_quant must be a multiple of 128, D of 64, and the block divide 128")
+    s = splits_for(b * h, n_quant, block) if splits is None else splits
+    chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
+    s = math.ceil(n_quant / chunk) if chunk else 0
+    gp = max(16, triton.next_power_of_2(g))  # tl.dot needs at least 16 rows
+    m = torch.empty(b * h, s + 1, gp, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    acc = torch.empty(b * h, s + 1, gp, d, dtype=torch.float32, device=q.device)
+    _decode_kernel[(b * h, s + 1)](
+        q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
+        m, l_sum, acc,
+        n_quant, t1.sink_k.shape[2], t1.win_k.shape[2], chunk, scale * LOG2E,
+        SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block,
+    )  # fmt: skip
+    return m, l_sum, acc
+
+
+def combine(m: torch.Tensor, l_sum: torch.Tensor, acc: torch.Tensor, g: int) -> torch.Tensor:
+    """Merge the splits' partials: [B*H, G, D] binary32."""
+    top = m.amax(1, keepdim=True)
+    w = torch.exp2(torch.where(torch.isinf(m), -torch.inf, m - top))
+    num = (w[..., None] * acc).sum(1)
+    den = (w * l_sum).sum(1)
+    return (num / den[..., None])[:, :g]
+
+
+def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None) -> torch.Tensor:
+    """Attention output [B, H, G, D] in q's dtype over the Tier-1 tokens (stage 0, no certificate)."""
+    b, h, g, d = q.shape
+    m, l_sum, acc = decode_partials(q, t1, scale, splits)
+    return combine(m, l_sum, acc, g).reshape(b, h, g, d).to(q.dtype)
+
+
+def decode_reference(q: torch.Tensor, t1: Tier1, scale: float) -> torch.Tensor:
+    """The same attention in float64 from the same Tier-1 tensors (dequantized exactly), [B, H, G, D]."""
+    from certkv.quant import unpack
+
+    kc, vc = t1.kc.double(), unpack(t1.vc, 4).double()
+    k = kc * t1.ks.double().repeat_interleave(KEY_GROUP, 2) + t1.kz.double().repeat_interleave(KEY_GROUP, 2)
+    v = vc * t1.vs.double().repeat_interleave(VALUE_GROUP, 3) + t1.vz.double().repeat_interleave(VALUE_GROUP, 3)
+    keys = torch.cat([t1.sink_k.double(), k, t1.win_k.double()], dim=2)
+    values = torch.cat([t1.sink_v.double(), v, t1.win_v.double()], dim=2)
+    w = torch.softmax(scale * torch.matmul(q.double(), keys.transpose(-1, -2)), dim=-1)
+    return torch.matmul(w, values)
+
+
+def from_cache(cache: object, layer: int) -> Tier1:
+    """The Tier-1 tensors of a ``TieredKVCache`` layer in the kernel's layout (its default layout only)."""
+    from certkv.cache import TieredKVCache
+
+    assert isinstance(cache, TieredKVCache)
+    st = cache._layers[layer]
+    cfg = cache.config
+    if (cfg.key_bits, cfg.key_group_axis, cfg.key_group_size, cfg.value_bits, cfg.value_group_axis,
+            cfg.value_group_size) != (8, "token", KEY_GROUP, 4, "channel", VALUE_GROUP):  # fmt: skip
+        raise ValueError("the decode kernel implements the paper layout (CertConfig() defaults) only")
+    if st.promoted:
+        raise ValueError("promoted tokens are not handled by the decode kernel yet")
+    assert st.qk is not None and st.qv is not None and st.sink_k is not None and st.sink_v is not None
+    assert st.win_k is not None and st.win_v is not None
+    return Tier1(
+        st.qk.codes, st.qk.scale, st.qk.zero, st.qv.codes, st.qv.scale, st.qv.zero,
+        st.sink_k, st.sink_v, st.win_k, st.win_v,
+    )  # fmt: skip

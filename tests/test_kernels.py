@@ -1,0 +1,65 @@
+"""The decode kernel against its torch reference (float64 from the same Tier-1 tensors) and against
+certkv's own stage-0 torch path. On the CPU the kernel runs in Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from certkv.kernels.decode import combine, decode, decode_partials, decode_reference, from_cache, splits_for
+
+import certkv
+from tests.helpers import make_kv, make_q
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def filled_cache(b: int, hkv: int, n: int, dtype: torch.dtype, seed: int = 0) -> certkv.TieredKVCache:
+    k, v = make_kv(b=b, hkv=hkv, n=n, d=128, dtype=dtype, seed=seed, outlier=6.0)
+    cache = certkv.TieredKVCache(1, hkv, 128, config=certkv.CertConfig(max_stage=0), device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b, hkv, g, n, splits", [(1, 1, 4, 400, None), (2, 2, 2, 700, 3), (1, 2, 1, 390, 1)])
+def test_kernel_matches_float64_reference(dtype, b, hkv, g, n, splits):
+    cache = filled_cache(b, hkv, n, dtype)
+    t1 = from_cache(cache, 0)
+    q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=3, scale=2.0).to(DEVICE).reshape(b, hkv, g, 128)
+    scale = 128**-0.5
+    got = combine(*decode_partials(q, t1, scale, splits), g).reshape(b, hkv, g, 128)
+    want = decode_reference(q.cpu(), on_cpu(t1), scale)
+    err = (got.double().cpu() - want).abs().max() / want.abs().max()
+    assert err < 2e-6, err  # binary32 arithmetic throughout, against float64 on identical inputs
+
+
+def on_cpu(t1):
+    from certkv.kernels.decode import Tier1
+
+    return Tier1(*(t.cpu() for t in vars(t1).values()))
+
+
+def test_kernel_output_agrees_with_certkvs_stage0_path():
+    cache = filled_cache(1, 2, 650, torch.bfloat16, seed=5)
+    q = make_q(b=1, hq=4, d=128, dtype=torch.bfloat16, seed=6, scale=2.0).to(DEVICE)
+    served = cache.attend(0, q)
+    assert bool((served.certificate.stage == 0).all())
+    out = decode(q.reshape(1, 2, 2, 128), from_cache(cache, 0), 128**-0.5).reshape(1, 4, 1, 128)
+    # both are binary32 computations of the same attention, rounded to BF16: at most a BF16 ulp apart
+    assert torch.allclose(out.float(), served.output.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_split_count_fills_the_gpu_and_never_splits_below_a_block():
+    assert splits_for(8, 131072) == 33 and splits_for(64, 131072) == 5
+    assert splits_for(1, 128) == 2 and splits_for(4, 0) == 0
+
+
+def test_layouts_the_kernel_does_not_implement_are_refused():
+    k, v = make_kv(b=1, hkv=1, n=400, d=128, dtype=torch.float16)
+    cache = certkv.TieredKVCache(1, 1, 128, config=certkv.CertConfig(policy="kivi"))
+    cache.append(0, k, v)
+    with pytest.raises(ValueError, match="paper layout"):
+        from_cache(cache, 0)

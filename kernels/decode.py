@@ -53,16 +53,22 @@ class Tier1:
 
 
 @triton.jit
-def _dequant_block(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n0, rows, d, D: tl.constexpr):
-    """Keys and values of tokens n0 + rows (binary32, [BLOCK_N, D]); a block never straddles a key group."""
+def _dequant_block(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n0, rows, d, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values of tokens n0 + rows (binary32, [BLOCK_N, D]); a block never straddles a key group.
+    Every load is a coalesced row of the stored layout; nibbles and group scales are expanded in registers."""
     tok = n0 + rows
     c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(tl.float32)
     g = n0 // 128
     k = c * tl.load(ks_ptr + g * D + d).to(tl.float32)[None, :] + tl.load(kz_ptr + g * D + d).to(tl.float32)[None, :]
-    byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + (d // 2)[None, :]).to(tl.int32)
-    code = ((byte >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
-    grp = tok[:, None] * (D // 64) + (d // 64)[None, :]
-    v = code * tl.load(vs_ptr + grp).to(tl.float32) + tl.load(vz_ptr + grp).to(tl.float32)
+    half = tl.arange(0, D // 2)
+    byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + half[None, :])
+    # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] restores channel order
+    code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(tl.float32)
+    groups = tl.arange(0, D // 64)
+    at = tok[:, None] * (D // 64) + groups[None, :]
+    vs = tl.load(vs_ptr + at).to(tl.float32)
+    vz = tl.load(vz_ptr + at).to(tl.float32)
+    v = tl.reshape(tl.reshape(code, (BLOCK_N, D // 64, 64)) * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
     return k, v
 
 
@@ -72,6 +78,7 @@ def _decode_kernel(
     m_ptr, l_ptr, acc_ptr,
     n_quant, n_sink, n_win, chunk, qk_scale,
     SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,13 +99,13 @@ def _decode_kernel(
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
-            k, v = _dequant_block(kc, ks, kz, vc, vs, vz, n0, rows, d, D)
-            t = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            k, v = _dequant_block(kc, ks, kz, vc, vs, vz, n0, rows, d, D, BLOCK_N)
+            t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             m_new = tl.maximum(m, tl.max(t, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(t - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             m = m_new
     else:
         for seg in tl.static_range(2):
@@ -115,7 +122,7 @@ def _decode_kernel(
                 ok = tok < count
                 k = tl.load(kp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 v = tl.load(vp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-                t = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                 t = tl.where(ok[None, :], t, -float("inf"))
                 m_new = tl.maximum(m, tl.max(t, 1))
                 # a row that has seen no token yet keeps m = -inf: exp2(-inf - -inf) would be NaN
@@ -123,7 +130,7 @@ def _decode_kernel(
                 alpha = tl.exp2(m - m_safe)
                 p = tl.exp2(t - m_safe[:, None])
                 l_sum = l_sum * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
                 m = m_new
     out = bh * (SPLITS + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
@@ -140,9 +147,18 @@ def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs:
 
 
 def decode_partials(
-    q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, block: int = 64
+    q: torch.Tensor,
+    t1: Tier1,
+    scale: float,
+    splits: int | None = None,
+    block: int = 64,
+    precision: str = "ieee",
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D]."""
+    """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D].
+
+    ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes) or "tf32"
+    (tensor cores; operands rounded to 10-bit mantissas: faster, not yet covered by any certificate)."""
     b, h, g, d = q.shape
     n_quant = t1.kc.shape[2]
     if n_quant % KEY_GROUP or d % VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
@@ -158,7 +174,7 @@ def decode_partials(
         q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
         m, l_sum, acc,
         n_quant, t1.sink_k.shape[2], t1.win_k.shape[2], chunk, scale * LOG2E,
-        SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block,
+        SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     return m, l_sum, acc
 
@@ -172,10 +188,11 @@ def combine(m: torch.Tensor, l_sum: torch.Tensor, acc: torch.Tensor, g: int) -> 
     return (num / den[..., None])[:, :g]
 
 
-def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None) -> torch.Tensor:
-    """Attention output [B, H, G, D] in q's dtype over the Tier-1 tokens (stage 0, no certificate)."""
+def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, **launch: object) -> torch.Tensor:
+    """Attention output [B, H, G, D] in q's dtype over the Tier-1 tokens (stage 0, no certificate);
+    ``launch`` options as in ``decode_partials``."""
     b, h, g, d = q.shape
-    m, l_sum, acc = decode_partials(q, t1, scale, splits)
+    m, l_sum, acc = decode_partials(q, t1, scale, splits, **launch)  # type: ignore[arg-type]
     return combine(m, l_sum, acc, g).reshape(b, h, g, d).to(q.dtype)
 
 

@@ -154,6 +154,7 @@ def decode_partials(
     block: int = 64,
     precision: str = "ieee",
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D].
 
@@ -175,6 +176,7 @@ def decode_partials(
         m, l_sum, acc,
         n_quant, t1.sink_k.shape[2], t1.win_k.shape[2], chunk, scale * LOG2E,
         SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return m, l_sum, acc
 

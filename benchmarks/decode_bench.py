@@ -29,9 +29,10 @@ HQ, HKV, D, SINKS, WINDOW = 32, 8, 128, 4, 252
 # tensor-core TF32 products, each with two block shapes
 VARIANTS = {
     "ieee_b64_w4": dict(precision="ieee", block=64, num_warps=4),
-    "ieee_b32_w4": dict(precision="ieee", block=32, num_warps=4),
     "tf32_b64_w4": dict(precision="tf32", block=64, num_warps=4),
-    "tf32_b128_w8": dict(precision="tf32", block=128, num_warps=8, num_stages=2),
+    "fp16_b64_w4": dict(precision="fp16", block=64, num_warps=4),
+    "fp16_b128_w8": dict(precision="fp16", block=128, num_warps=8, num_stages=2),
+    "fp16_b64_w8": dict(precision="fp16", block=64, num_warps=8),
 }
 
 

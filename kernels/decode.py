@@ -1,12 +1,14 @@
 """Split-K decode attention over certkv's Tier-1 layout, and its torch reference, side by side.
 
-Layout (the ``paper`` policy, ``CertConfig()``): keys INT8 with one 16-bit scale and zero point per
-(group of ``KEY_GROUP`` tokens, channel); values INT4, two per byte (even channel in the low nibble),
-one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels); FP16/BF16 sink and
-window tokens. One launch: programs (batch row x KV head, split) walk their share of the quantized
-tokens, dequantizing in registers, with the GQA query heads of the KV head together; one extra
-split per (row, head) takes the sink and window tokens. Each program leaves an online-softmax
-partial (running max m, sum l, weighted sum acc, binary32, log2 units); ``combine`` merges them.
+Layout (the ``paper`` policy, ``CertConfig()``, head size 128): keys INT8 with one 16-bit scale and
+zero point per (group of ``KEY_GROUP`` tokens, channel); values INT4, two per byte (even channel in
+the low nibble), one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels);
+FP16/BF16 sink and window tokens. One launch: programs (batch row x KV head, split) walk their share
+of the quantized tokens with the GQA query heads of the KV head together; one extra split per (row,
+head) takes the sink and window tokens. Codes are never dequantized: the key scales multiply the
+query and the value scales the weights, so the matrix products run on the integer codes. Each
+program leaves an online-softmax partial (running max m, sum l, weighted sum acc, binary32, log2
+units); ``combine`` merges them.
 
 Status: this computes the stage-0 *output* only. It is not yet used to serve certified steps: the
 certificate of a step served by this kernel needs its own fused statistics (per-group masses and
@@ -53,23 +55,12 @@ class Tier1:
 
 
 @triton.jit
-def _dequant_block(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n0, rows, d, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys and values of tokens n0 + rows (binary32, [BLOCK_N, D]); a block never straddles a key group.
-    Every load is a coalesced row of the stored layout; nibbles and group scales are expanded in registers."""
-    tok = n0 + rows
-    c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(tl.float32)
-    g = n0 // 128
-    k = c * tl.load(ks_ptr + g * D + d).to(tl.float32)[None, :] + tl.load(kz_ptr + g * D + d).to(tl.float32)[None, :]
-    half = tl.arange(0, D // 2)
-    byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + half[None, :])
-    # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] restores channel order
-    code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(tl.float32)
-    groups = tl.arange(0, D // 64)
-    at = tok[:, None] * (D // 64) + groups[None, :]
-    vs = tl.load(vs_ptr + at).to(tl.float32)
-    vz = tl.load(vz_ptr + at).to(tl.float32)
-    v = tl.reshape(tl.reshape(code, (BLOCK_N, D // 64, 64)) * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
-    return k, v
+def _mma(a, b, PRECISION: tl.constexpr):
+    """a @ b with binary32 accumulation; operands binary32 ("ieee"), TF32 ("tf32") or rounded to FP16 ("fp16")."""
+    if PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -88,26 +79,50 @@ def _decode_kernel(
     q = tl.load(q_ptr + bh * G * D + gi[:, None] * D + d[None, :], mask=gi[:, None] < G, other=0.0).to(tl.float32)
     m = tl.full((GP,), -float("inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
     if split < SPLITS:
+        # Scales are folded into the operands instead of dequantizing: per key group (128 tokens, one
+        # scale and zero per channel) q.k_hat = (q*s).c + q.z, and per value group (token, 64
+        # channels) sum_i p_i v_hat_i = (p*s).c + p.z, so the products run on the integer codes,
+        # which every operand precision holds exactly.
         kc = kc_ptr + bh * n_quant * D
         ks = ks_ptr + bh * (n_quant // 128) * D
         kz = kz_ptr + bh * (n_quant // 128) * D
         vc = vc_ptr + bh * n_quant * (D // 2)
-        vs = vs_ptr + bh * n_quant * (D // 64)
-        vz = vz_ptr + bh * n_quant * (D // 64)
+        vs = vs_ptr + bh * n_quant * 2
+        vz = vz_ptr + bh * n_quant * 2
+        half = tl.arange(0, 32)
+        acc0 = tl.zeros((GP, 64), tl.float32)
+        acc1 = tl.zeros((GP, 64), tl.float32)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
-            k, v = _dequant_block(kc, ks, kz, vc, vs, vz, n0, rows, d, D, BLOCK_N)
-            t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            tok = n0 + rows
+            grp = n0 // 128
+            q_s = q * tl.load(ks + grp * D + d).to(tl.float32)[None, :]
+            bias = tl.sum(q * tl.load(kz + grp * D + d).to(tl.float32)[None, :], 1)
+            codes = tl.load(kc + tok[:, None] * D + d[None, :]).to(tl.float32)
+            t = (_mma(q_s, tl.trans(codes), PRECISION) + bias[:, None]) * qk_scale
             m_new = tl.maximum(m, tl.max(t, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(t - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            for g in tl.static_range(2):
+                byte = tl.load(vc + tok[:, None] * (D // 2) + g * 32 + half[None, :])
+                # even channel in the low nibble: join -> [BLOCK_N, 32, 2] -> [BLOCK_N, 64] in channel order
+                vcode = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, 64)).to(tl.float32)
+                v_s = tl.load(vs + tok * 2 + g).to(tl.float32)
+                v_z = tl.load(vz + tok * 2 + g).to(tl.float32)
+                part = _mma(p * v_s[None, :], vcode, PRECISION) + tl.sum(p * v_z[None, :], 1)[:, None]
+                if g == 0:
+                    acc0 = acc0 * alpha[:, None] + part
+                else:
+                    acc1 = acc1 * alpha[:, None] + part
             m = m_new
+        base = acc_ptr + (bh * (SPLITS + 1) + split) * GP * D + gi[:, None] * D
+        tl.store(base + tl.arange(0, 64)[None, :], acc0)
+        tl.store(base + 64 + tl.arange(0, 64)[None, :], acc1)
     else:
+        acc = tl.zeros((GP, D), tl.float32)
         for seg in tl.static_range(2):
             if seg == 0:
                 kp = sk_ptr + bh * n_sink * D
@@ -122,7 +137,7 @@ def _decode_kernel(
                 ok = tok < count
                 k = tl.load(kp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 v = tl.load(vp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-                t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                t = _mma(q, tl.trans(k), PRECISION) * qk_scale
                 t = tl.where(ok[None, :], t, -float("inf"))
                 m_new = tl.maximum(m, tl.max(t, 1))
                 # a row that has seen no token yet keeps m = -inf: exp2(-inf - -inf) would be NaN
@@ -130,12 +145,12 @@ def _decode_kernel(
                 alpha = tl.exp2(m - m_safe)
                 p = tl.exp2(t - m_safe[:, None])
                 l_sum = l_sum * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+                acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
                 m = m_new
+        tl.store(acc_ptr + (bh * (SPLITS + 1) + split) * GP * D + gi[:, None] * D + d[None, :], acc)
     out = bh * (SPLITS + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
-    tl.store(acc_ptr + out * GP * D + gi[:, None] * D + d[None, :], acc)
 
 
 def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs: int = 264) -> int:
@@ -158,12 +173,13 @@ def decode_partials(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D].
 
-    ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes) or "tf32"
-    (tensor cores; operands rounded to 10-bit mantissas: faster, not yet covered by any certificate)."""
+    ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes), "tf32" or
+    "fp16" (tensor cores; operands rounded to 10-bit mantissas: faster, not yet covered by any
+    certificate; "fp16" also overflows beyond 65504, so it suits FP16 models only)."""
     b, h, g, d = q.shape
     n_quant = t1.kc.shape[2]
-    if n_quant % KEY_GROUP or d % VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
-        raise ValueError("layout: n_quant must be a multiple of 128, D of 64, and the block divide 128")
+    if n_quant % KEY_GROUP or d != 2 * VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
+        raise ValueError("layout: n_quant must be a multiple of 128, D = 128, and the block divide 128")
     s = splits_for(b * h, n_quant, block) if splits is None else splits
     chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
     s = math.ceil(n_quant / chunk) if chunk else 0

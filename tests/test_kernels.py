@@ -52,6 +52,17 @@ def test_kernel_output_agrees_with_certkvs_stage0_path():
     assert torch.allclose(out.float(), served.output.float(), rtol=2**-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision, tol", [("tf32", 4e-3), ("fp16", 4e-3)])
+def test_tensor_core_variants_stay_close(precision, tol):
+    # operands rounded to 10-bit mantissas (on the CPU interpreter: exact binary32 for tf32)
+    cache = filled_cache(1, 2, 520, torch.float16, seed=9)
+    q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2, scale=2.0).to(DEVICE).reshape(1, 2, 2, 128)
+    t1 = from_cache(cache, 0)
+    got = combine(*decode_partials(q, t1, 128**-0.5, precision=precision, block=32), 2).reshape(1, 2, 2, 128)
+    want = decode_reference(q.cpu(), on_cpu(t1), 128**-0.5)
+    assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < tol
+
+
 def test_split_count_fills_the_gpu_and_never_splits_below_a_block():
     assert splits_for(8, 131072) == 33 and splits_for(64, 131072) == 5
     assert splits_for(1, 128) == 2 and splits_for(4, 0) == 0

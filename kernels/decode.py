@@ -1,12 +1,12 @@
 """Split-K decode attention over certkv's Tier-1 layout, and its torch reference, side by side.
 
-Layout (the ``paper`` policy, ``CertConfig()``, head size 128): keys INT8 with one 16-bit scale and
+Layout (the ``paper`` policy, ``CertConfig()``): keys INT8 with one 16-bit scale and
 zero point per (group of ``KEY_GROUP`` tokens, channel); values INT4, two per byte (even channel in
 the low nibble), one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels);
 FP16/BF16 sink and window tokens. One launch: programs (batch row x KV head, split) walk their share
 of the quantized tokens with the GQA query heads of the KV head together; one extra split per (row,
-head) takes the sink and window tokens. Codes are never dequantized: the key scales multiply the
-query and the value scales the weights, so the matrix products run on the integer codes. Each
+head) takes the sink and window tokens. Keys are never dequantized (their scales multiply the query,
+so q.k runs on the integer codes); values are dequantized in registers. Each
 program leaves an online-softmax partial (running max m, sum l, weighted sum acc, binary32, log2
 units); ``combine`` merges them.
 
@@ -80,19 +80,19 @@ def _decode_kernel(
     m = tl.full((GP,), -float("inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
     if split < SPLITS:
-        # Scales are folded into the operands instead of dequantizing: per key group (128 tokens, one
-        # scale and zero per channel) q.k_hat = (q*s).c + q.z, and per value group (token, 64
-        # channels) sum_i p_i v_hat_i = (p*s).c + p.z, so the products run on the integer codes,
-        # which every operand precision holds exactly.
+        # Keys are never dequantized: per key group (128 tokens, one scale and zero per channel)
+        # q.k_hat = (q*s).c + q.z, so the product runs on the integer codes (exact in any operand
+        # precision). Values are dequantized in registers (folding their per-token scales into the
+        # weights measured slower: two half-width products and two reductions per block).
         kc = kc_ptr + bh * n_quant * D
         ks = ks_ptr + bh * (n_quant // 128) * D
         kz = kz_ptr + bh * (n_quant // 128) * D
         vc = vc_ptr + bh * n_quant * (D // 2)
-        vs = vs_ptr + bh * n_quant * 2
-        vz = vz_ptr + bh * n_quant * 2
-        half = tl.arange(0, 32)
-        acc0 = tl.zeros((GP, 64), tl.float32)
-        acc1 = tl.zeros((GP, 64), tl.float32)
+        vs = vs_ptr + bh * n_quant * (D // 64)
+        vz = vz_ptr + bh * n_quant * (D // 64)
+        half = tl.arange(0, D // 2)
+        groups = tl.arange(0, D // 64)
+        acc = tl.zeros((GP, D), tl.float32)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
@@ -106,21 +106,16 @@ def _decode_kernel(
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(t - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            for g in tl.static_range(2):
-                byte = tl.load(vc + tok[:, None] * (D // 2) + g * 32 + half[None, :])
-                # even channel in the low nibble: join -> [BLOCK_N, 32, 2] -> [BLOCK_N, 64] in channel order
-                vcode = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, 64)).to(tl.float32)
-                v_s = tl.load(vs + tok * 2 + g).to(tl.float32)
-                v_z = tl.load(vz + tok * 2 + g).to(tl.float32)
-                part = _mma(p * v_s[None, :], vcode, PRECISION) + tl.sum(p * v_z[None, :], 1)[:, None]
-                if g == 0:
-                    acc0 = acc0 * alpha[:, None] + part
-                else:
-                    acc1 = acc1 * alpha[:, None] + part
+            byte = tl.load(vc + tok[:, None] * (D // 2) + half[None, :])
+            # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] in channel order
+            vcode = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(tl.float32)
+            at = tok[:, None] * (D // 64) + groups[None, :]
+            v_s = tl.load(vs + at).to(tl.float32)
+            v_z = tl.load(vz + at).to(tl.float32)
+            v = tl.reshape(tl.reshape(vcode, (BLOCK_N, D // 64, 64)) * v_s[:, :, None] + v_z[:, :, None], (BLOCK_N, D))
+            acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
             m = m_new
-        base = acc_ptr + (bh * (SPLITS + 1) + split) * GP * D + gi[:, None] * D
-        tl.store(base + tl.arange(0, 64)[None, :], acc0)
-        tl.store(base + 64 + tl.arange(0, 64)[None, :], acc1)
+        tl.store(acc_ptr + (bh * (SPLITS + 1) + split) * GP * D + gi[:, None] * D + d[None, :], acc)
     else:
         acc = tl.zeros((GP, D), tl.float32)
         for seg in tl.static_range(2):
@@ -178,8 +173,8 @@ def decode_partials(
     certificate; "fp16" also overflows beyond 65504, so it suits FP16 models only)."""
     b, h, g, d = q.shape
     n_quant = t1.kc.shape[2]
-    if n_quant % KEY_GROUP or d != 2 * VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
-        raise ValueError("layout: n_quant must be a multiple of 128, D = 128, and the block divide 128")
+    if n_quant % KEY_GROUP or d % VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
+        raise ValueError("layout: n_quant must be a multiple of 128, D of 64, and the block divide 128")
     s = splits_for(b * h, n_quant, block) if splits is None else splits
     chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
     s = math.ceil(n_quant / chunk) if chunk else 0

@@ -1,14 +1,14 @@
 """Split-K decode attention over certkv's Tier-1 layout, and its torch reference, side by side.
 
-Layout (the ``paper`` policy, ``CertConfig()``): keys INT8 with one 16-bit scale and
-zero point per (group of ``KEY_GROUP`` tokens, channel); values INT4, two per byte (even channel in
-the low nibble), one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels);
-FP16/BF16 sink and window tokens. One launch: programs (batch row x KV head, split) walk their share
-of the quantized tokens with the GQA query heads of the KV head together; one extra split per (row,
-head) takes the sink and window tokens. Keys are never dequantized (their scales multiply the query,
-so q.k runs on the integer codes); values are dequantized in registers. Each
-program leaves an online-softmax partial (running max m, sum l, weighted sum acc, binary32, log2
-units); ``combine`` merges them.
+Layout (the ``paper`` policy, ``CertConfig()``): keys INT8 with one 16-bit scale and zero point per
+(group of ``KEY_GROUP`` tokens, channel); values INT4, two per byte (even channel in the low nibble),
+one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels); FP16/BF16 sink and
+window tokens. One launch: programs (batch row x KV head, split) walk their share of the quantized
+tokens, dequantizing in registers, with the GQA query heads of the KV head together; one extra
+split per (row, head) takes the sink and window tokens. (Folding the key scales into the query so
+q.k runs on the integer codes, and the value scales into the weights, measured slower on the H100:
+docs/benchmarks.md.) Each program leaves an online-softmax
+partial (running max m, sum l, weighted sum acc, binary32, log2 units); ``combine`` merges them.
 
 Status: this computes the stage-0 *output* only. It is not yet used to serve certified steps: the
 certificate of a step served by this kernel needs its own fused statistics (per-group masses and
@@ -55,6 +55,26 @@ class Tier1:
 
 
 @triton.jit
+def _dequant_block(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n0, rows, d, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values of tokens n0 + rows (binary32, [BLOCK_N, D]); a block never straddles a key group.
+    Every load is a coalesced row of the stored layout; nibbles and group scales are expanded in registers."""
+    tok = n0 + rows
+    c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(tl.float32)
+    g = n0 // 128
+    k = c * tl.load(ks_ptr + g * D + d).to(tl.float32)[None, :] + tl.load(kz_ptr + g * D + d).to(tl.float32)[None, :]
+    half = tl.arange(0, D // 2)
+    byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + half[None, :])
+    # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] restores channel order
+    code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(tl.float32)
+    groups = tl.arange(0, D // 64)
+    at = tok[:, None] * (D // 64) + groups[None, :]
+    vs = tl.load(vs_ptr + at).to(tl.float32)
+    vz = tl.load(vz_ptr + at).to(tl.float32)
+    v = tl.reshape(tl.reshape(code, (BLOCK_N, D // 64, 64)) * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
+    return k, v
+
+
+@triton.jit
 def _mma(a, b, PRECISION: tl.constexpr):
     """a @ b with binary32 accumulation; operands binary32 ("ieee"), TF32 ("tf32") or rounded to FP16 ("fp16")."""
     if PRECISION == "fp16":
@@ -79,45 +99,26 @@ def _decode_kernel(
     q = tl.load(q_ptr + bh * G * D + gi[:, None] * D + d[None, :], mask=gi[:, None] < G, other=0.0).to(tl.float32)
     m = tl.full((GP,), -float("inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
     if split < SPLITS:
-        # Keys are never dequantized: per key group (128 tokens, one scale and zero per channel)
-        # q.k_hat = (q*s).c + q.z, so the product runs on the integer codes (exact in any operand
-        # precision). Values are dequantized in registers (folding their per-token scales into the
-        # weights measured slower: two half-width products and two reductions per block).
         kc = kc_ptr + bh * n_quant * D
         ks = ks_ptr + bh * (n_quant // 128) * D
         kz = kz_ptr + bh * (n_quant // 128) * D
         vc = vc_ptr + bh * n_quant * (D // 2)
         vs = vs_ptr + bh * n_quant * (D // 64)
         vz = vz_ptr + bh * n_quant * (D // 64)
-        half = tl.arange(0, D // 2)
-        groups = tl.arange(0, D // 64)
-        acc = tl.zeros((GP, D), tl.float32)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
-            tok = n0 + rows
-            grp = n0 // 128
-            q_s = q * tl.load(ks + grp * D + d).to(tl.float32)[None, :]
-            bias = tl.sum(q * tl.load(kz + grp * D + d).to(tl.float32)[None, :], 1)
-            codes = tl.load(kc + tok[:, None] * D + d[None, :]).to(tl.float32)
-            t = (_mma(q_s, tl.trans(codes), PRECISION) + bias[:, None]) * qk_scale
+            k, v = _dequant_block(kc, ks, kz, vc, vs, vz, n0, rows, d, D, BLOCK_N)
+            t = _mma(q, tl.trans(k), PRECISION) * qk_scale
             m_new = tl.maximum(m, tl.max(t, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(t - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            byte = tl.load(vc + tok[:, None] * (D // 2) + half[None, :])
-            # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] in channel order
-            vcode = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(tl.float32)
-            at = tok[:, None] * (D // 64) + groups[None, :]
-            v_s = tl.load(vs + at).to(tl.float32)
-            v_z = tl.load(vz + at).to(tl.float32)
-            v = tl.reshape(tl.reshape(vcode, (BLOCK_N, D // 64, 64)) * v_s[:, :, None] + v_z[:, :, None], (BLOCK_N, D))
             acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
             m = m_new
-        tl.store(acc_ptr + (bh * (SPLITS + 1) + split) * GP * D + gi[:, None] * D + d[None, :], acc)
     else:
-        acc = tl.zeros((GP, D), tl.float32)
         for seg in tl.static_range(2):
             if seg == 0:
                 kp = sk_ptr + bh * n_sink * D
@@ -142,10 +143,10 @@ def _decode_kernel(
                 l_sum = l_sum * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
                 m = m_new
-        tl.store(acc_ptr + (bh * (SPLITS + 1) + split) * GP * D + gi[:, None] * D + d[None, :], acc)
     out = bh * (SPLITS + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
+    tl.store(acc_ptr + out * GP * D + gi[:, None] * D + d[None, :], acc)
 
 
 def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs: int = 264) -> int:

@@ -1,5 +1,6 @@
 """Triton kernels of certkv, installed as ``certkv.kernels`` (never as a top-level ``kernels``).
 
-Empty until the kernels issue lands: on every device certkv currently serves through the vectorised
-torch path in ``certkv.attention``, which the kernels will be tested against field by field.
+``decode``: split-K decode attention over the paper's Tier-1 layout, beside its float64 torch
+reference. It computes the stage-0 output only; until its fused certificate lands, certkv serves every
+step through the torch path in ``certkv.attention`` (docs/benchmarks.md has its measurements).
 """

@@ -1,4 +1,5 @@
-"""Drop-in certified KV cache for Hugging Face transformers (tested with transformers 5.17 and 5.23).
+"""Drop-in certified KV cache for Hugging Face transformers (tested with 5.17 and 5.23; the floor in
+pyproject.toml).
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=certkv.hf.register())
     cache = certkv.hf.CertifiedCache(model.config, certkv.CertConfig())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from certkv.capture import DEFAULT_MODEL
 from certkv.cli import main
@@ -82,3 +82,26 @@ def test_probes_are_deterministic_and_scored_by_their_answers():
         text = codec.decode(a.prompt)
         assert all(ans in text for ans in a.answers)
         assert score(a, " ".join(a.answers)) == 1.0 and score(a, "nothing") == 0.0
+
+
+def test_eval_runs_any_local_checkpoint_with_its_own_tokenizer(tmp_path, capsys):
+    """A tiny random Llama saved with a byte-level BPE tokenizer: the generic (non-tinylm) path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["<s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>").save_pretrained(tmp_path / "ckpt")
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=64, intermediate_size=256, vocab_size=len(vocab))  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    args = ["eval", "--model", str(tmp_path / "ckpt"), "--bpb-lengths", "200", "--bpb-score", "16",
+            "--bpb-windows", "1", "--tasks", "bpb", "mk-niah", "--lengths", "220", "--trials", "1",
+            "--methods", "dense", "naive", "certified", "--quiet", "--markdown", str(tmp_path / "r.md")]  # fmt: skip
+    assert main(args) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "bits per token" in md and "| ctx 200 | certified |" in md and "| len 220 | naive |" in md

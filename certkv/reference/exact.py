@@ -4,8 +4,12 @@ Every input is a binary floating-point number (FP16, BF16 or FP32, possibly held
 an integer multiple of 2^-149; logits q.k are computed as exact integers, the
 scale (1/sqrt(D) or a given float) and the exponentials in mpmath at ``prec`` bits, and every weighted
 sum of values as an exact integer dot product of the weights rounded to 2^-(2*prec). The result is
-therefore exact up to a relative error below 2^-(prec-8) on the weights and an absolute error below
-n * 2^-(2*prec) * max|v| on every sum: far below anything certkv claims (documented in theory.md).
+not exact: ``ExactStep.err`` bounds its error per term (each weight is within a relative
+eps_r = 4 (n + 16 + A) 2^-(prec-16) of the true one, A the largest |exponent| evaluated; rounding to
+2^-(2 prec) adds 2n 2^-(2 prec) in all; with one token everything is exact), so a claim is decided
+only when it clears the reference's own error; ``certkv.reference.verify`` raises the precision until
+it does. (A head where
+one token holds all but 1e-79 of the mass needs ~300 bits: at 128 the sink's weight rounds to 1.)
 
 Quantities (one head; o = sum p v, p = softmax(s q.K), p_hat = softmax(s q.K_hat)):
   tv = TV(p, p_hat); key_j = sum (p_hat - p) v_j; value_j = sum p (v_hat - v)_j;
@@ -99,6 +103,8 @@ class ExactStep:
     cross: list[mpmath.mpf]
     error: list[mpmath.mpf]
     rounding: list[mpmath.mpf]
+    err: dict[str, mpmath.mpf]  # bound on the reference's own error in each term (key, value, cross,
+    # rounding, error, tv): zero where the term is exact by construction (e.g. one token)
 
     @staticmethod
     def max_abs(xs: list[mpmath.mpf]) -> mpmath.mpf:
@@ -155,4 +161,33 @@ def exact_step(
         error = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(served_i, pv)]
         rounding = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(served_i, phvh)]
         tv = mpmath.fsum(abs(a - b) for a, b in zip(p, p_hat)) / 2
-    return ExactStep(o, p, p_hat, tv, key, value, cross, error, rounding)
+        n = len(p)
+        logits = [int(x) for x in (*ki.dot(qi), *khi.dot(qi))]
+        widest = s * mpmath.mpf(max(logits) - min(logits)) * unit  # the largest |exponent| evaluated
+        eps_r = 4 * (n + 16 + widest) * mpmath.ldexp(1, -(prec - 16))
+        # total weight error sum_i |w_i - p_i| of the rounded weights (relative error, then rounding to
+        # 2^-frac_bits and renormalising); the weights sum to 1 like the true ones, so a sum of w * x
+        # errs by at most that times half the range of x over tokens (x - c for the best centre c)
+        delta = eps_r + 2 * n * mpmath.ldexp(1, -frac_bits) if n > 1 else mpmath.mpf(0)
+
+        # ranges as float64 upper bounds (an error bound only needs to be large enough): relative
+        # inflation for the one rounding of a float64 difference of exact values, and, where some
+        # value is quantized, an absolute 2^-50 max|v_hat| for the float64 rounding of c*s + z (exact
+        # values keep a zero bound where the term is exactly zero, e.g. constant values)
+        v64 = v.double()
+        vh64 = v_hat[0].double() * v_hat[1].double() + v_hat[2].double()
+        slack = 2.0**-50 * float(vh64.abs().max()) if bool((v_hat[1] != 0).any()) else 0.0
+
+        def spread(x: torch.Tensor, extra: float) -> mpmath.mpf:
+            return mpmath.mpf(float((x.amax(0) - x.amin(0)).max()) * (1 + 2.0**-40) + extra)
+
+        dv = mpmath.mpf(float((vh64 - v64).abs().max()) * (1 + 2.0**-40) + slack)
+        err = {
+            "key": delta * spread(v64, 0.0),
+            "value": delta * dv,
+            "cross": 2 * delta * dv,
+            "rounding": delta * spread(vh64, slack) / 2,
+            "error": delta * spread(v64, 0.0) / 2,
+            "tv": eps_r if n > 1 else mpmath.mpf(0),
+        }
+    return ExactStep(o, p, p_hat, tv, key, value, cross, error, rounding, err)

@@ -8,6 +8,7 @@ Used by the property tests, the tests and ``certkv audit``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -107,20 +108,38 @@ def head_tasks(
             )
 
 
+MAX_PREC = 4096  # bits; a claim still undecided here is reported as a violation, never passed
+
+
 def check_head(task: HeadTask) -> HeadCheck:
-    """Exact reference for one head; a claim is violated unless claimed >= exact (compared in mpmath)."""
-    ex = exact_step(task.q, task.k, task.v, task.k_hat, task.v_hat, task.served, task.scale, task.prec)
-    exact = {
-        "tv_bound": ex.tv,
-        "key_term": ex.max_abs(ex.key),
-        "value_term": ex.max_abs(ex.value),
-        "cross_term": ex.max_abs(ex.cross),
-        "rounding_term": ex.max_abs(ex.rounding),
-        "output_bound": ex.max_abs(ex.error),
-    }
-    claimed = task.claimed
-    # a NaN claim compares False: it is a violation, never a pass
-    violations = [name for name in CLAIMS if not mpmath.mpf(claimed[name]) >= exact[name]]
+    """Exact reference for one head. A claim holds when claimed >= exact + the reference's own error
+    bound, is violated when claimed < exact - that bound, and otherwise the reference is recomputed at
+    twice the precision (up to MAX_PREC bits; still undecided counts as violated)."""
+    prec = task.prec
+    while True:
+        ex = exact_step(task.q, task.k, task.v, task.k_hat, task.v_hat, task.served, task.scale, prec)
+        exact = {
+            "tv_bound": ex.tv,
+            "key_term": ex.max_abs(ex.key),
+            "value_term": ex.max_abs(ex.value),
+            "cross_term": ex.max_abs(ex.cross),
+            "rounding_term": ex.max_abs(ex.rounding),
+            "output_bound": ex.max_abs(ex.error),
+        }
+        claimed = task.claimed
+        margin = dict(zip(CLAIMS, (ex.err[k] for k in ("tv", "key", "value", "cross", "rounding", "error"))))
+        # a NaN claim compares False both ways: it is never decided as held
+        held = [name for name in CLAIMS if mpmath.mpf(claimed[name]) >= exact[name] + margin[name]]
+        broken = [
+            name
+            for name in CLAIMS
+            if math.isnan(claimed[name]) or mpmath.mpf(claimed[name]) < exact[name] - margin[name]
+        ]
+        undecided = [name for name in CLAIMS if name not in held and name not in broken]
+        if not undecided or prec >= MAX_PREC or broken:
+            break
+        prec *= 2
+    violations = broken + undecided
     return HeadCheck(task.batch, task.head, task.stage, claimed, {n: float(x) for n, x in exact.items()}, violations)
 
 

@@ -51,9 +51,8 @@ def tier1(b: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[Tie
         vc, r(b, HKV, nq, D // 64, lo=1e-2, hi=1e-1), r(b, HKV, nq, D // 64, lo=-1.0, hi=0.0),
         r(b, HKV, SINKS, D), r(b, HKV, SINKS, D), r(b, HKV, WINDOW, D), r(b, HKV, WINDOW, D),
     )  # fmt: skip
-    k = (kc.float() * t1.ks.float().repeat_interleave(128, 2) + t1.kz.float().repeat_interleave(128, 2)).to(dtype)
-    codes = torch.stack([vc & 15, vc >> 4], dim=-1).reshape(b, HKV, nq, D).float()
-    v = (codes * t1.vs.float().repeat_interleave(64, 3) + t1.vz.float().repeat_interleave(64, 3)).to(dtype)
+    k = t1.quantized_keys().dequantize().to(dtype)
+    v = t1.quantized_values().dequantize().to(dtype)
     k = torch.cat([t1.sink_k, k, t1.win_k], dim=2)
     v = torch.cat([t1.sink_v, v, t1.win_v], dim=2)
     return t1, k, v

@@ -30,8 +30,6 @@ from certkv.quant import QuantizedTensor
 from certkv.reference.verify import CLAIMS, HeadCheck, HeadTask, check_head, head_tasks
 from certkv.trace import CERT_FIELDS, Entry, TraceReader, platform_tag
 
-TERMS = ("key_term", "value_term", "cross_term", "rounding_term", "output_bound", "tv_bound")
-
 
 @dataclass
 class StepCheck:
@@ -84,7 +82,7 @@ class AuditReport:
     def tightness(self) -> dict[str, dict[str, float]]:
         """Per term: median and p99 of claimed / exact over head-steps with a nonzero exact value."""
         out = {}
-        for name in TERMS:
+        for name in CLAIMS:
             ratios = [h.claimed[name] / h.exact[name] for _, h in self.heads if h.exact[name] > 0]
             zero = sum(h.exact[name] == 0 for _, h in self.heads)
             out[name] = {

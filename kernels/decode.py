@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from certkv.quant import QuantizedTensor
+
 KEY_GROUP = 128
 VALUE_GROUP = 64
 LOG2E = 1.4426950408889634
@@ -48,6 +50,12 @@ class Tier1:
     sink_v: torch.Tensor
     win_k: torch.Tensor
     win_v: torch.Tensor
+
+    def quantized_keys(self) -> QuantizedTensor:
+        return QuantizedTensor(self.kc, self.ks, self.kz, 8, "token", KEY_GROUP, self.kc.shape[-1])
+
+    def quantized_values(self) -> QuantizedTensor:
+        return QuantizedTensor(self.vc, self.vs, self.vz, 4, "channel", VALUE_GROUP, self.kc.shape[-1])
 
     @property
     def nbytes(self) -> int:
@@ -212,11 +220,9 @@ def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, 
 
 def decode_reference(q: torch.Tensor, t1: Tier1, scale: float) -> torch.Tensor:
     """The same attention in float64 from the same Tier-1 tensors (dequantized exactly), [B, H, G, D]."""
-    from certkv.quant import unpack
-
-    kc, vc = t1.kc.double(), unpack(t1.vc, 4).double()
-    k = kc * t1.ks.double().repeat_interleave(KEY_GROUP, 2) + t1.kz.double().repeat_interleave(KEY_GROUP, 2)
-    v = vc * t1.vs.double().repeat_interleave(VALUE_GROUP, 3) + t1.vz.double().repeat_interleave(VALUE_GROUP, 3)
+    kc, ks, kz = t1.quantized_keys().exact_parts()
+    vc, vs, vz = t1.quantized_values().exact_parts()
+    k, v = kc * ks + kz, vc * vs + vz
     keys = torch.cat([t1.sink_k.double(), k, t1.win_k.double()], dim=2)
     values = torch.cat([t1.sink_v.double(), v, t1.win_v.double()], dim=2)
     w = torch.softmax(scale * torch.matmul(q.double(), keys.transpose(-1, -2)), dim=-1)

@@ -8,8 +8,8 @@ not exact: ``ExactStep.err`` bounds its error per term (each weight is within a 
 eps_r = 4 (n + 16 + A) 2^-(prec-16) of the true one, A the largest |exponent| evaluated; rounding to
 2^-(2 prec) adds 2n 2^-(2 prec) in all; with one token everything is exact), so a claim is decided
 only when it clears the reference's own error; ``certkv.reference.verify`` raises the precision until
-it does. (A head where
-one token holds all but 1e-79 of the mass needs ~300 bits: at 128 the sink's weight rounds to 1.)
+it does. (A head where one token holds all but 1e-79 of the mass needs ~300 bits: at 128 the sink's
+weight rounds to 1.)
 
 Quantities (one head; o = sum p v, p = softmax(s q.K), p_hat = softmax(s q.K_hat)):
   tv = TV(p, p_hat); key_j = sum (p_hat - p) v_j; value_j = sum p (v_hat - v)_j;
@@ -110,6 +110,10 @@ class ExactStep:
     def max_abs(xs: list[mpmath.mpf]) -> mpmath.mpf:
         return max(abs(x) for x in xs)
 
+    def magnitude(self, term: str) -> mpmath.mpf:
+        """tv, or max_j |term_j| for key, value, cross, rounding and error (the keys of ``err``)."""
+        return self.tv if term == "tv" else self.max_abs(getattr(self, term))
+
 
 def exact_step(
     q: torch.Tensor,
@@ -138,8 +142,9 @@ def exact_step(
             total = mpmath.fsum(ex)
             return [e / total for e in ex]
 
-        p = softmax(ki.dot(qi))
-        p_hat = softmax(khi.dot(qi))
+        logits, logits_hat = ki.dot(qi), khi.dot(qi)  # exact integers, used twice below
+        p = softmax(logits)
+        p_hat = softmax(logits_hat)
         frac_bits = 2 * prec
         scale_w = 1 << frac_bits
 
@@ -162,8 +167,8 @@ def exact_step(
         rounding = [mpmath.mpf(int(a - b)) * to_mp for a, b in zip(served_i, phvh)]
         tv = mpmath.fsum(abs(a - b) for a, b in zip(p, p_hat)) / 2
         n = len(p)
-        logits = [int(x) for x in (*ki.dot(qi), *khi.dot(qi))]
-        widest = s * mpmath.mpf(max(logits) - min(logits)) * unit  # the largest |exponent| evaluated
+        both = [int(x) for x in (*logits, *logits_hat)]
+        widest = s * mpmath.mpf(max(both) - min(both)) * unit  # the largest |exponent| evaluated
         eps_r = 4 * (n + 16 + widest) * mpmath.ldexp(1, -(prec - 16))
         # total weight error sum_i |w_i - p_i| of the rounded weights (relative error, then rounding to
         # 2^-frac_bits and renormalising); the weights sum to 1 like the true ones, so a sum of w * x

@@ -18,8 +18,16 @@ import torch
 from certkv.certificate import AttentionResult, Certificate
 from certkv.reference.exact import exact_step
 
-# certificate field -> how its exact counterpart is obtained from an ExactStep
-CLAIMS = ("tv_bound", "key_term", "value_term", "cross_term", "rounding_term", "output_bound")
+# certificate field -> the ExactStep term it bounds
+TERMS = {
+    "tv_bound": "tv",
+    "key_term": "key",
+    "value_term": "value",
+    "cross_term": "cross",
+    "rounding_term": "rounding",
+    "output_bound": "error",
+}
+CLAIMS = tuple(TERMS)
 
 
 @dataclass
@@ -118,16 +126,9 @@ def check_head(task: HeadTask) -> HeadCheck:
     prec = task.prec
     while True:
         ex = exact_step(task.q, task.k, task.v, task.k_hat, task.v_hat, task.served, task.scale, prec)
-        exact = {
-            "tv_bound": ex.tv,
-            "key_term": ex.max_abs(ex.key),
-            "value_term": ex.max_abs(ex.value),
-            "cross_term": ex.max_abs(ex.cross),
-            "rounding_term": ex.max_abs(ex.rounding),
-            "output_bound": ex.max_abs(ex.error),
-        }
+        exact = {name: ex.magnitude(term) for name, term in TERMS.items()}
+        margin = {name: ex.err[term] for name, term in TERMS.items()}
         claimed = task.claimed
-        margin = dict(zip(CLAIMS, (ex.err[k] for k in ("tv", "key", "value", "cross", "rounding", "error"))))
         # a NaN claim compares False both ways: it is never decided as held
         held = [name for name in CLAIMS if mpmath.mpf(claimed[name]) >= exact[name] + margin[name]]
         broken = [

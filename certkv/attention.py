@@ -18,7 +18,7 @@ from Tier-1 data and q alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -45,6 +45,9 @@ class StepTokens:
     v_mag: float64 [B, Hkv, n] >= max_j of |v_hat_ij| and |v_ij used|; v_dq: float64 [B, Hkv, n]
     >= max_j |binary32 dequantized - exact dequantized| (0 for exact tokens).
     v_min, v_max: binary32 [B, Hkv, D], the exact range of the originals over all tokens.
+    kb_radius, dual: keys quantized in another basis (``certkv.transforms``): float64 [B, Hkv, n, D]
+    radii paired with ``dual(q)``, so that |q . (k_used - k)| <= |q| . k_radius + dual(q) . kb_radius
+    (``k`` then holds the binary32 keys rotated back, and k_radius the rounding of that rotation).
     """
 
     k: torch.Tensor
@@ -56,6 +59,8 @@ class StepTokens:
     v_dq: torch.Tensor
     v_min: torch.Tensor
     v_max: torch.Tensor
+    kb_radius: torch.Tensor | None = None
+    dual: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @staticmethod
     def exact(k: torch.Tensor, v: torch.Tensor) -> StepTokens:
@@ -88,6 +93,9 @@ class StepTokens:
             kf = k.float()
             out.k, out.k_radius, out.k_mag = self.k.clone(), self.k_radius.clone(), self.k_mag.clone()
             out.k[b, h, i], out.k_radius[b, h, i], out.k_mag[b, h, i] = kf, 0.0, kf.double().abs()
+            if self.kb_radius is not None:
+                out.kb_radius = self.kb_radius.clone()
+                out.kb_radius[b, h, i] = 0.0
         if v is not None:
             vf = v.float()
             out.v, out.v_radius, out.v_mag, out.v_dq = (
@@ -161,6 +169,10 @@ def _certified_step(
 
     # ---- logit radii: quantization (eps) and binary32 rounding of the logit (rho) ----
     eps = s_up * torch.matmul(absq.double(), tokens.k_radius.double().transpose(-1, -2)) * inflate(d)
+    if tokens.kb_radius is not None and tokens.dual is not None:
+        # keys quantized in another basis: the pairing term, and 2 u64 for the float64 addition
+        basis = s_up * torch.matmul(tokens.dual(q32), tokens.kb_radius.transpose(-1, -2)) * inflate(d)
+        eps = (eps + basis) * (1 + 2 * U64)
     qa = torch.matmul(absq.double(), tokens.k_mag.transpose(-1, -2)) * inflate(d)
     rho = s_up * gamma(d + 5) * qa
     z64, zmax64 = z.double(), zmax.double()

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from certkv import errors
+from certkv import errors, transforms
 from certkv.attention import StepTokens, default_scale
+from certkv.calibration import Calibration, default_books
 from certkv.certificate import AttentionResult, Certificate
+from certkv.codebook import BookTensor, Codebook, outlier_mask, quantize_book
 from certkv.config import CertConfig
 from certkv.ladder import serve
 from certkv.quant import DEQUANT_REL, QuantizedTensor, quantize
@@ -42,15 +44,21 @@ class MemoryReport:
         return self.tier1_bytes / self.fp16_cache_bytes if self.fp16_cache_bytes else math.nan
 
 
+Quantized = QuantizedTensor | BookTensor
+
+
 @dataclass
 class _Layer:
+    index: int
+    books: tuple[Codebook, Codebook]
+    bounds: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
     dtype: torch.dtype | None = None
     batch: int = 0
     length: int = 0
     sink_k: torch.Tensor | None = None
     sink_v: torch.Tensor | None = None
-    qk: QuantizedTensor | None = None
-    qv: QuantizedTensor | None = None
+    qk: Quantized | None = None
+    qv: Quantized | None = None
     win_k: torch.Tensor | None = None
     win_v: torch.Tensor | None = None
     v_min: torch.Tensor | None = None
@@ -107,7 +115,19 @@ class TieredKVCache:
         self.head_dim = head_dim
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.recorder = recorder
-        self._layers = [_Layer() for _ in range(num_layers)]
+        self.transform = transforms.make(cfg.key_transform, head_dim, cfg.rope_theta, cfg.transform_seed)
+        calibration = None
+        if cfg.calibration is not None:
+            calibration = Calibration.load(cfg.calibration)
+            calibration.check(cfg, num_layers, num_kv_heads, head_dim)
+        self._layers = [
+            _Layer(
+                i,
+                default_books(cfg) if calibration is None else calibration.books(cfg, i),
+                {r: None if calibration is None else calibration.bounds(r, i) for r in ("k", "v")},
+            )
+            for i in range(num_layers)
+        ]
         self._pin = self.device.type == "cuda"
         if recorder is not None:
             recorder.bind(self)
@@ -190,13 +210,45 @@ class TieredKVCache:
         if blocks == 0:
             return
         m = blocks * cfg.block
-        qk = quantize(st.win_k[:, :, :m], cfg.key_bits, cfg.key_group_axis, cfg.key_group_size)
-        qv = quantize(st.win_v[:, :, :m], cfg.value_bits, cfg.value_group_axis, cfg.value_group_size)
-        st.qk = qk if st.qk is None else st.qk.cat(qk)
-        st.qv = qv if st.qv is None else st.qv.cat(qv)
+        pos = torch.arange(st.n_sink + st.n_quant, st.n_sink + st.n_quant + m, device=self.device)
+        qk = self._quantize(st, "k", st.win_k[:, :, :m], pos)
+        qv = self._quantize(st, "v", st.win_v[:, :, :m], pos)
+        st.qk = qk if st.qk is None else _join(st.qk, qk)
+        st.qv = qv if st.qv is None else _join(st.qv, qv)
         st.win_k, st.win_v = st.win_k[:, :, m:].contiguous(), st.win_v[:, :, m:].contiguous()
         zeros = torch.zeros(st.batch, self.num_kv_heads, m, dtype=torch.int32, device=self.device)
         st.fetch_count = zeros if st.fetch_count is None else torch.cat([st.fetch_count, zeros], dim=2)
+
+    def _quantize(self, st: _Layer, role: str, x: torch.Tensor, pos: torch.Tensor) -> Quantized:
+        """One block of keys or values into the configured quantizer (uniform, or codebook in the
+        key transform's basis)."""
+        cfg = self.config
+        bits, axis, size = (
+            (cfg.key_bits, cfg.key_group_axis, cfg.key_group_size)
+            if role == "k"
+            else (cfg.value_bits, cfg.value_group_axis, cfg.value_group_size)
+        )
+        if not (cfg.book_keys if role == "k" else cfg.book_values):
+            return quantize(x, bits, axis, size)
+        if role == "k" and self.transform is not None:
+            xb, err = self.transform.to_basis(x, pos)
+        else:
+            xb, err = x.double(), torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        fraction = cfg.key_outliers if role == "k" else cfg.value_outliers
+        mask = outlier_mask(xb, axis, size, fraction, st.bounds[role])
+        return quantize_book(xb, err, st.books[0 if role == "k" else 1], axis, size, x.dtype, mask)
+
+    def _quantized_keys(self, st: _Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The quantized span's keys as a step uses them: binary32 keys, their radius (original basis),
+        the magnitude bound, and the radius in the transform's pairing (None without a transform)."""
+        assert st.qk is not None
+        if self.transform is None:
+            return st.qk.dequantize(), st.qk.radius(), st.qk.magnitude(), None
+        pos = torch.arange(st.n_sink, st.n_sink + st.n_quant, device=self.device)
+        k_used, delta = self.transform.from_basis(st.qk.dequantize(), pos)
+        # |x_hat32 - x*| <= radius (exact dequantized vs original) + the binary32 dequantization error
+        basis = self.transform.pair(st.qk.radius().double() + DEQUANT_REL * st.qk.magnitude())
+        return k_used, delta, k_used.double().abs(), basis
 
     # ------------------------------------------------------------------ views
     def seq_len(self, layer: int) -> int:
@@ -225,12 +277,12 @@ class TieredKVCache:
         if st.sink_k is not None and st.sink_v is not None:
             parts.append(StepTokens.exact(st.sink_k, st.sink_v))
         if st.qk is not None and st.qv is not None:
-            k_mag = st.qk.magnitude()
+            k_used, k_radius, k_mag, kb_radius = self._quantized_keys(st)
             v_mag = st.qv.magnitude().amax(-1)
             parts.append(
                 StepTokens(
-                    k=st.qk.dequantize(),
-                    k_radius=st.qk.radius(),
+                    k=k_used,
+                    k_radius=k_radius,
                     k_mag=k_mag,
                     v=st.qv.dequantize(),
                     v_radius=st.qv.radius(),
@@ -238,16 +290,24 @@ class TieredKVCache:
                     v_dq=v_mag * DEQUANT_REL,
                     v_min=st.v_min,  # type: ignore[arg-type]
                     v_max=st.v_max,  # type: ignore[arg-type]
+                    kb_radius=kb_radius,
                 )
             )
         if st.win_k is not None and st.win_k.shape[2]:
             parts.append(StepTokens.exact(st.win_k, st.win_v))  # type: ignore[arg-type]
         fields_ = ("k", "k_radius", "k_mag", "v", "v_radius", "v_mag", "v_dq")
+        joined: dict[str, Any] = {f: torch.cat([getattr(p, f) for p in parts], dim=2) for f in fields_}
         merged = StepTokens(
-            **{f: torch.cat([getattr(p, f) for p in parts], dim=2) for f in fields_},
+            **joined,
             v_min=st.v_min,  # type: ignore[arg-type]
             v_max=st.v_max,  # type: ignore[arg-type]
         )
+        if self.transform is not None:
+            merged.dual = self.transform.dual
+            merged.kb_radius = torch.cat(
+                [p.kb_radius if p.kb_radius is not None else torch.zeros_like(p.k, dtype=torch.float64) for p in parts],
+                dim=2,
+            )
         if not st.promoted:
             return merged
         b, h, slot, i = _promoted_rows(st)
@@ -256,7 +316,8 @@ class TieredKVCache:
     def dequantized_exact(self, layer: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """For the exact reference: keys and values as Tier-1 serves them at stage 0, each as float64
         (codes, scale, zero) [B, H_kv, n, D] whose exact real value is codes * scale + zero (FP16 tokens:
-        codes 0, scale 0, zero the value)."""
+        codes 0, scale 0, zero the value; codebook values: the level for the code; keys quantized in a
+        transformed basis: the binary32 keys rotated back, which the step's key radii are about)."""
         st = self._layer(layer)
         if st.length == 0:
             raise errors.EmptyCacheError(f"layer {layer} holds no tokens")
@@ -271,7 +332,9 @@ class TieredKVCache:
             if st.n_sink:
                 parts.append(exact(getattr(st, f"sink_{role}")))
             quant = st.qk if role == "k" else st.qv
-            if quant is not None:
+            if quant is not None and role == "k" and self.transform is not None:
+                parts.append(exact(self._quantized_keys(st)[0]))  # the binary32 keys the step uses
+            elif quant is not None:
                 parts.append(quant.exact_parts())
             win = getattr(st, f"win_{role}")
             if win is not None and win.shape[2]:
@@ -283,7 +346,7 @@ class TieredKVCache:
             out.append((c, s, z))
         return out[0], out[1]
 
-    def quantized_storage(self, layer: int) -> tuple[QuantizedTensor | None, QuantizedTensor | None]:
+    def quantized_storage(self, layer: int) -> tuple[Quantized | None, Quantized | None]:
         """Tier-1's quantized keys and values of ``layer`` as stored (None before the first block)."""
         st = self._layer(layer)
         return st.qk, st.qv
@@ -453,6 +516,15 @@ def _promoted_rows(st: _Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     idx = st.promoted["idx"]
     b, h, slot = (idx >= 0).nonzero(as_tuple=True)
     return b, h, slot, idx[b, h, slot] + st.n_sink
+
+
+def _join(a: Quantized, b: Quantized) -> Quantized:
+    """Quantized blocks concatenated along tokens (one layer always uses one quantizer)."""
+    if isinstance(a, BookTensor) and isinstance(b, BookTensor):
+        return a.cat(b)
+    if isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor):
+        return a.cat(b)
+    raise TypeError(f"cannot join {type(a).__name__} and {type(b).__name__}")
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

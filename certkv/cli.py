@@ -1,4 +1,5 @@
-"""Command line: ``certkv audit`` (re-check a recorded trace exactly), ``certkv record`` and ``certkv eval``.
+"""Command line: ``certkv audit`` (re-check a recorded trace exactly), ``certkv record``, ``certkv eval``
+and ``certkv calibrate``.
 
 Exit codes of ``audit``: 0 every claim held; 1 a claim was violated (the first ones are listed);
 2 the trace is unreadable, corrupt, tampered, or incomplete (unless ``--allow-partial``).
@@ -147,6 +148,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        calibrations=tuple(str(p) for p in args.calibration),
     )
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -172,6 +174,26 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
     if args.plot:
         plot(results, str(args.plot))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from certkv.calibration import from_model
+    from certkv.capture import load_model
+    from certkv.codec import TextCodec
+
+    dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.model, dtype=dtype).to(args.device)
+    cfg = certkv.CertConfig(policy=args.policy)
+    if not (cfg.book_keys or cfg.book_values):
+        print(f"certkv calibrate: policy {args.policy!r} has no codebook or outliers to calibrate", file=sys.stderr)
+        return 2
+    ids = TextCodec(model, str(args.model)).encode(Path(args.text).read_text(encoding="utf-8"), bos=False)
+    cal = from_model(model, ids, cfg, args.sequences, args.length, args.seed, source=f"{args.model} {args.text}")
+    cal.save(args.out)
+    print(f"wrote {args.out}: policy {args.policy}, {args.sequences} x {args.length} tokens, seed {args.seed}")
     return 0
 
 
@@ -232,7 +254,22 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", type=Path)
     e.add_argument("--plot", type=Path)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--calibration", type=Path, nargs="*", default=[],
+                   help="files from certkv calibrate; each policy uses the one fitted for its layout")  # fmt: skip
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser("calibrate", help="fit a policy's codebooks and outlier thresholds on a model's activations")
+    c.add_argument("--policy", required=True, help="a codebook policy: kvquant, rotated, keys=...,values=...")
+    c.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="local checkpoint (default: bundled tinylm)")
+    c.add_argument("--text", type=Path, default=DATA / "calibration_sample.txt",
+                   help="UTF-8 calibration text, apart from the eval text (default: bundled, CPython's argparse.py)")
+    c.add_argument("--out", type=Path, required=True, help="calibration file to write (safetensors)")
+    c.add_argument("--sequences", type=int, default=4)
+    c.add_argument("--length", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto")
+    c.set_defaults(func=_calibrate)
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from certkv.errors import ConfigError
 
 GroupAxis = Literal["token", "channel"]
+CodebookKind = Literal["uniform", "nuq", "lloyd-max"]
+KeyTransformKind = Literal["none", "rope", "hadamard"]
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -26,6 +28,18 @@ class CertConfig:
       ``window``: the most recent ``window`` tokens (and up to one block more) stay FP16, so a
       partially filled token group is never quantized and never re-quantized.
       ``sinks``: the first ``sinks`` tokens stay FP16 (attention sinks).
+      ``key_codebook``/``value_codebook``: ``"uniform"`` (evenly spaced levels), ``"nuq"``
+      (sensitivity-weighted levels fitted on calibration data, KVQuant) or ``"lloyd-max"`` (unweighted
+      Lloyd-Max levels); without a calibration file both non-uniform kinds use Lloyd-Max levels for
+      Gaussian groups (``certkv.codebook``).
+      ``key_transform``: the basis keys are quantized in: ``"none"``, ``"rope"`` (pre-RoPE keys, the
+      cache undoes and re-applies the rotation with ``rope_theta``; token position = cache index) or
+      ``"hadamard"`` (a randomized Hadamard rotation drawn from ``transform_seed``).
+      ``key_outliers``/``value_outliers``: fraction of values kept exactly beside the codes
+      (dense-and-sparse): outside the calibrated per-channel thresholds, or the farthest from their
+      group's median when there is no calibration.
+      ``calibration``: path of a file written by ``certkv calibrate`` (codebooks and outlier thresholds
+      per layer; ``certkv.calibration``).
 
     Tolerances (per batch row, query head and step): a step is served at the lowest stage whose
     certificate satisfies ``tv_bound <= tv_tol`` and
@@ -54,6 +68,14 @@ class CertConfig:
     value_group_size: int = 64
     window: int = 128
     sinks: int = 4
+    key_codebook: CodebookKind = "uniform"
+    value_codebook: CodebookKind = "uniform"
+    key_transform: KeyTransformKind = "none"
+    key_outliers: float = 0.0
+    value_outliers: float = 0.0
+    rope_theta: float = 10000.0
+    transform_seed: int = 0
+    calibration: str | None = None
     tv_tol: float = 0.05
     out_tol: float = 0.02
     out_rtol: float = 0.05
@@ -85,7 +107,18 @@ class CertConfig:
             size = getattr(self, name)
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"{name}={size!r}: must be a positive integer")
-        for name in ("window", "sinks", "promote_budget"):
+        for name in ("key_codebook", "value_codebook"):
+            if getattr(self, name) not in ("uniform", "nuq", "lloyd-max"):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be 'uniform', 'nuq' or 'lloyd-max'")
+        if self.key_transform not in ("none", "rope", "hadamard"):
+            raise ConfigError(f"key_transform={self.key_transform!r}: must be 'none', 'rope' or 'hadamard'")
+        for name in ("key_outliers", "value_outliers"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 0.5):
+                raise ConfigError(f"{name}={value!r}: must be a fraction in [0, 0.5)")
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ConfigError(f"rope_theta={self.rope_theta!r}: must be a finite number > 1")
+        for name in ("window", "sinks", "promote_budget", "transform_seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be a non-negative integer")
         if not isinstance(self.promote_after, int) or self.promote_after < 1:
@@ -98,6 +131,15 @@ class CertConfig:
             raise ConfigError(f"max_stage={self.max_stage!r}: must be 0, 1, 2 or 3")
         if not 0.0 < self.fetch_fraction <= 1.0:
             raise ConfigError(f"fetch_fraction={self.fetch_fraction!r}: must be in (0, 1]")
+
+    @property
+    def book_keys(self) -> bool:
+        """Keys go through the codebook quantizer (non-uniform levels, a transform or outliers)."""
+        return self.key_codebook != "uniform" or self.key_transform != "none" or self.key_outliers > 0
+
+    @property
+    def book_values(self) -> bool:
+        return self.value_codebook != "uniform" or self.value_outliers > 0
 
     @property
     def block(self) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from certkv.calibration import for_model
 from certkv.codec import TextCodec
 from certkv.config import CertConfig
 from certkv.synthetic import TASKS, make_probe, score
@@ -36,8 +37,9 @@ from certkv.synthetic import TASKS, make_probe, score
 DEFAULT_METHODS = ("dense", "naive", "certified", "certified-strict")
 
 
-def method_config(name: str) -> CertConfig | None:
-    """The cache configuration of a method name (None: dense, no certkv)."""
+def method_config(name: str, model_config: Any = None, calibrations: tuple[str, ...] = ()) -> CertConfig | None:
+    """The cache configuration of a method name (None: dense, no certkv); with ``model_config``, a
+    policy is adapted to the model (its RoPE base, a matching calibration file: ``certkv.calibration``)."""
     k4 = {"key_bits": 4, "key_group_axis": "channel", "key_group_size": 128}
     table: dict[str, CertConfig | None] = {
         "dense": None,
@@ -49,7 +51,8 @@ def method_config(name: str) -> CertConfig | None:
     }
     mode, _, policy = name.partition("@")
     if policy and mode in ("naive", "certified"):
-        return CertConfig(policy=policy, max_stage=0 if mode == "naive" else CertConfig.max_stage)
+        cfg = CertConfig(policy=policy, max_stage=0 if mode == "naive" else CertConfig.max_stage)
+        return cfg if model_config is None else for_model(cfg, model_config, calibrations)
     if name not in table:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(table)}, naive@POLICY, certified@POLICY")
     return table[name]
@@ -118,11 +121,19 @@ def _account(res: MethodResult, cache: Any, tokens: int, seconds: float) -> None
 
 
 @torch.no_grad()
-def bits_per_token(model: Any, ids: torch.Tensor, method: str, length: int, score: int, windows: int) -> MethodResult:
+def bits_per_token(
+    model: Any,
+    ids: torch.Tensor,
+    method: str,
+    length: int,
+    score: int,
+    windows: int,
+    calibrations: tuple[str, ...] = (),
+) -> MethodResult:
     """``bpb`` task on token ids [N] (module docstring)."""
     if not 1 < score < length:
         raise ValueError(f"score={score} must be in (1, length={length})")
-    cfg = method_config(method)
+    cfg = method_config(method, model.config, calibrations)
     res = MethodResult("bpb", f"ctx {length}", method, math.nan)
     nll: list[torch.Tensor] = []
     tokens, seconds = 0, 0.0
@@ -151,11 +162,11 @@ def bits_per_token(model: Any, ids: torch.Tensor, method: str, length: int, scor
 @torch.no_grad()
 def generation(
     model: Any, codec: TextCodec, filler: list[int], method: str, task: str, length: int, depth: float, trials: int,
-    seed: int,
+    seed: int, calibrations: tuple[str, ...] = (),
 ) -> MethodResult:  # fmt: skip
     """A synthetic task (``certkv.synthetic``): greedy decoding through the cache; the score of a trial is
     the share of expected strings in the answer; ``quality`` is the mean score."""
-    cfg = method_config(method)
+    cfg = method_config(method, model.config, calibrations)
     where = f" depth {depth:.0%}" if task == "passkey" else ""
     res = MethodResult(task, f"len {length}{where}", method, math.nan)
     rng = random.Random(f"{seed}/{task}/{length}/{depth}")  # the same probes for every method
@@ -198,6 +209,7 @@ class EvalSpec:
     device: str = "cpu"
     dtype: str = "bfloat16"
     seed: int = 0
+    calibrations: tuple[str, ...] = ()  # files from ``certkv calibrate``; each policy uses the one fitted for it
 
 
 def run(spec: EvalSpec, progress: Any = None) -> list[MethodResult]:
@@ -223,13 +235,13 @@ def run(spec: EvalSpec, progress: Any = None) -> list[MethodResult]:
     for length in spec.bpb_lengths if "bpb" in spec.tasks else ():
         for m in spec.methods:
             jobs.append((f"bpb ctx {length} {m}", lambda m=m, n=length: bits_per_token(
-                model, torch.tensor(ids), m, n, spec.bpb_score, spec.bpb_windows)))  # fmt: skip
+                model, torch.tensor(ids), m, n, spec.bpb_score, spec.bpb_windows, spec.calibrations)))  # fmt: skip
     for task in (t for t in spec.tasks if t != "bpb"):
         for length in spec.gen_lengths:
             for depth in spec.passkey_depths if task == "passkey" else (0.0,):
                 for m in spec.methods:
                     jobs.append((f"{task} len {length} {m}", lambda m=m, n=length, d=depth, t=task: generation(
-                        model, codec, ids[1:], m, t, n, d, spec.trials, spec.seed)))  # fmt: skip
+                        model, codec, ids[1:], m, t, n, d, spec.trials, spec.seed, spec.calibrations)))  # fmt: skip
     for label, job in jobs:
         if progress is not None:
             progress(label, len(results), len(jobs))

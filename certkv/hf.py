@@ -28,6 +28,7 @@ import torch
 
 from certkv import errors
 from certkv.cache import MemoryReport, TieredKVCache
+from certkv.calibration import for_model
 from certkv.certificate import AttentionResult
 from certkv.config import CertConfig
 from certkv.trace import TraceRecorder
@@ -189,7 +190,8 @@ class CertifiedCache(Cache):
 
     ``config``: the model's config (Llama-, Mistral-, Qwen2-style full attention, GQA allowed);
     ``cert_config``: certkv's ``CertConfig``; ``recorder``: an optional ``TraceRecorder`` (the trace
-    can be checked with ``certkv audit``). Tier-1 lives on the device of the first keys seen."""
+    can be checked with ``certkv audit``). Tier-1 lives on the device of the first keys seen. Pre-RoPE
+    policies (``kvquant``) take the model's RoPE base unless ``rope_theta`` was passed explicitly."""
 
     def __init__(
         self, config: Any, cert_config: CertConfig | None = None, recorder: TraceRecorder | None = None
@@ -212,7 +214,10 @@ class CertifiedCache(Cache):
         self.num_layers = int(text.num_hidden_layers)
         self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-        self.cert_config = cert_config or CertConfig()
+        cfg = cert_config or CertConfig()
+        if "rope_theta" not in getattr(cfg, "_explicit", frozenset()):
+            cfg = for_model(cfg, text)
+        self.cert_config = cfg
         self.recorder = recorder
         self.tiered: TieredKVCache | None = None
         self.stats = [LayerStats() for _ in range(self.num_layers)]

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from certkv import errors
 from certkv.certificate import AttentionResult, Certificate
+from certkv.quant import QuantizedTensor
 
 if TYPE_CHECKING:
     from certkv.cache import TieredKVCache
@@ -146,6 +147,11 @@ class TraceRecorder:
         """Called by the cache's constructor: validates the sample against it and writes the manifest."""
         if self._cache is not None:
             raise errors.TraceError("this TraceRecorder is already bound to a cache")
+        if cache.config.book_keys or cache.config.book_values:
+            raise errors.ConfigError(
+                "trace format v1 records uniform quantizers only; this cache uses codebooks, outliers or a key "
+                "transform (policies kvquant, rotated): check it with the exact reference instead (docs/policies.md)"
+            )
         s = self.sample
         for name, limit in (("layers", cache.num_layers), ("kv_heads", cache.num_kv_heads)):
             val = getattr(s, name)
@@ -208,6 +214,7 @@ class TraceRecorder:
         if qk is not None and qv is not None and n_quant > cur.quantized:
             parts = {}
             for role, qt in (("k", qk), ("v", qv)):
+                assert isinstance(qt, QuantizedTensor)  # bind() refuses codebook policies
                 sl = qt.slice(heads.to(qt.codes.device), cur.quantized, n_quant)
                 parts.update({f"{role}_codes": sl.codes, f"{role}_scale": sl.scale, f"{role}_zero": sl.zero})
             layout = {

@@ -8,15 +8,18 @@ import time
 import z3
 
 from proofs import (
+    lemma_codebook,
     lemma_decomposition,
     lemma_ladder,
     lemma_packing,
     lemma_quant_radius,
     lemma_rounding,
     lemma_softmax,
+    lemma_transforms,
 )
 
-LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_rounding, lemma_ladder)
+LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_rounding, lemma_ladder,
+          lemma_codebook, lemma_transforms)  # fmt: skip
 
 
 def main() -> int:

@@ -11,7 +11,11 @@ import certkv
 from property_tests.strategies import Scenario, scenarios
 from property_tests.test_guarantee import _check, _serve
 
-POLICIES = ("paper", "kivi", "kivi:4", "key-favoured:K4V2", "key-favoured:K8V2", "key-favoured:K2V4", "progressive:128")
+POLICIES = (
+    "paper", "kivi", "kivi:4", "key-favoured:K4V2", "key-favoured:K8V2", "key-favoured:K2V4", "progressive:128",
+    "kvquant", "kvquant:2", "kvquant:8", "rotated", "rotated:2", "rotated:8",
+    "keys=kvquant:8,values=kivi", "keys=rotated,values=kvquant:2",
+)  # fmt: skip
 
 
 @st.composite

@@ -133,10 +133,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     from certkv.evaluate import EvalSpec, plot, run, to_markdown
 
+    methods = list(args.methods)
+    for policy in args.policy:
+        methods += [m for m in (f"naive@{policy}", f"certified@{policy}") if m not in methods]
     spec = EvalSpec(
         model=str(args.model),
         text=Path(args.text).read_text(encoding="utf-8"),
-        methods=tuple(args.methods),
+        methods=tuple(methods),
         bpb_lengths=tuple(args.bpb_lengths),
         bpb_score=args.bpb_score,
         bpb_windows=args.bpb_windows,
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--text", type=Path, default=DATA / "heldout_sample.txt", help="UTF-8 text: bpb windows, filler")
     e.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="dense naive certified certified-strict naive-k4 certified-k4")  # fmt: skip
+    e.add_argument("--policy", nargs="+", default=[],
+                   help="add naive@P and certified@P for each policy P (docs/policies.md)")  # fmt: skip
     e.add_argument("--bpb-lengths", type=int, nargs="*", default=[512, 1024])
     e.add_argument("--bpb-score", type=int, default=128, help="scored (certified) tokens at the end of each window")
     e.add_argument("--bpb-windows", type=int, default=2)
@@ -261,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="fit a policy's codebooks and outlier thresholds on a model's activations")
     c.add_argument("--policy", required=True, help="a codebook policy: kvquant, rotated, keys=...,values=...")
     c.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="local checkpoint (default: bundled tinylm)")
-    c.add_argument("--text", type=Path, default=DATA / "calibration_sample.txt",
-                   help="UTF-8 calibration text, apart from the eval text (default: bundled, CPython's argparse.py)")
+    c.add_argument(
+        "--text",
+        type=Path,
+        default=DATA / "calibration_sample.txt",
+        help="UTF-8 calibration text, apart from the eval text (default: bundled, CPython's argparse.py)",
+    )
     c.add_argument("--out", type=Path, required=True, help="calibration file to write (safetensors)")
     c.add_argument("--sequences", type=int, default=4)
     c.add_argument("--length", type=int, default=512)

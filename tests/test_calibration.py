@@ -99,3 +99,24 @@ def test_calibrated_cache_on_model_keys_is_sound_and_tighter(model, ids, tmp_pat
         assert_sound(cache, 2, q, res)
         radius[name] = float(res.certificate.logit_radius.mean())
     assert radius["calibrated"] < radius["default"]
+
+
+def test_calibrate_and_eval_command_lines(tmp_path):
+    import json
+
+    from certkv.cli import main
+
+    cal = tmp_path / "kvq.safetensors"
+    assert main(["calibrate", "--policy", "kvquant", "--out", str(cal), "--sequences", "1", "--length", "128"]) == 0
+    assert Calibration.load(cal).meta["sequences"] == 1
+    assert main(["calibrate", "--policy", "paper", "--out", str(tmp_path / "x")]) == 2  # nothing to fit
+    out = tmp_path / "r.json"
+    args = ["eval", "--bpb-lengths", "260", "--bpb-score", "8", "--bpb-windows", "1", "--tasks", "bpb",
+            "--methods", "dense", "--policy", "kvquant", "--calibration", str(cal), "--quiet",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["spec"]["calibrations"] == [str(cal)]
+    assert [r["method"] for r in payload["results"]] == ["dense", "naive@kvquant", "certified@kvquant"]
+    certified = payload["results"][2]
+    assert sum(certified["stages"]) > 0 and certified["rejected"] == 0

@@ -26,6 +26,7 @@ import torch
 from certkv import errors
 from certkv.attention import dense_attention
 from certkv.certificate import Certificate
+from certkv.codebook import BookTensor, Codebook, join
 from certkv.quant import QuantizedTensor
 from certkv.reference.verify import CLAIMS, HeadCheck, HeadTask, check_head, head_tasks
 from certkv.trace import CERT_FIELDS, Entry, TraceReader, platform_tag
@@ -130,8 +131,9 @@ class _LayerState:
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
-    qk: QuantizedTensor | None = None
-    qv: QuantizedTensor | None = None
+    qk: QuantizedTensor | BookTensor | None = None
+    qv: QuantizedTensor | BookTensor | None = None
+    k_used: list[torch.Tensor] = field(default_factory=list)  # keys rotated back from a basis, per block
 
     @property
     def quantized(self) -> int:
@@ -171,18 +173,29 @@ class _Replay:
             if int(e.meta["start"]) != st.quantized:
                 raise self._bad(e, f"starts at quantized token {e.meta['start']}, the trace holds {st.quantized}")
             try:
-                (kb, ka, kg), (vb, va, vg) = e.meta["layout"]["key"], e.meta["layout"]["value"]
-                d = self.reader.head_dim
                 parts = [
-                    QuantizedTensor(e.tensors["k_codes"], e.tensors["k_scale"], e.tensors["k_zero"], kb, ka, kg, d),
-                    QuantizedTensor(e.tensors["v_codes"], e.tensors["v_scale"], e.tensors["v_zero"], vb, va, vg, d),
+                    self._quantized(e, role, e.meta["layout"][name]) for role, name in (("k", "key"), ("v", "value"))
                 ]
             except (KeyError, TypeError, ValueError) as exc:
                 raise self._bad(e, f"bad quantization layout ({exc!r})") from None
-            st.qk = parts[0] if st.qk is None else st.qk.cat(parts[0])
-            st.qv = parts[1] if st.qv is None else st.qv.cat(parts[1])
+            st.qk = parts[0] if st.qk is None else join(st.qk, parts[0])
+            st.qv = parts[1] if st.qv is None else join(st.qv, parts[1])
+            if "k_used" in e.tensors:
+                st.k_used.append(e.tensors["k_used"])
+            elif st.k_used:
+                raise self._bad(e, "a block without rotated-back keys after blocks with them")
             return None
         return e, *self._step(e, st)
+
+    def _quantized(self, e: Entry, role: str, spec: list[Any]) -> QuantizedTensor | BookTensor:
+        bits, axis, size = int(spec[0]), spec[1], int(spec[2])
+        codes, scale, zero = (e.tensors[f"{role}_{p}"] for p in ("codes", "scale", "zero"))
+        d = self.reader.head_dim
+        if len(spec) == 3:
+            return QuantizedTensor(codes, scale, zero, bits, axis, size, d)
+        book = Codebook(e.tensors[f"{role}_levels"])
+        t = (e.tensors[f"{role}_{n}"] for n in ("oflat", "ovalue", "oradius"))
+        return BookTensor(codes, scale, zero, book, axis, size, d, *t)
 
     def _step(self, e: Entry, st: _LayerState) -> tuple[list[HeadTask], dict[str, torch.Tensor]]:
         n, n_sink, n_quant = (int(e.meta[k]) for k in ("length", "n_sink", "n_quant"))
@@ -196,7 +209,7 @@ class _Replay:
         if ko.shape[0] != e.tensors["q"].shape[0]:
             raise self._bad(e, f"batch {e.tensors['q'].shape[0]} but the tokens have batch {ko.shape[0]}")
         parts = []
-        for orig, qt in ((ko, st.qk), (vo, st.qv)):
+        for role, orig, qt in (("k", ko, st.qk), ("v", vo, st.qv)):
             c = torch.zeros(orig.shape, dtype=torch.float64)
             s = torch.zeros_like(c)
             z = orig.double()
@@ -206,6 +219,9 @@ class _Replay:
                     qc, qs, qz = qt.slice(None, 0, n_quant).exact_parts()
                 except (ValueError, RuntimeError) as exc:
                     raise self._bad(e, f"quantized storage does not cover {n_quant} tokens ({exc})") from None
+                if role == "k" and st.k_used:  # the step computed with keys rotated back from the basis
+                    qz = torch.cat(st.k_used, dim=2)[:, :, :n_quant].double()
+                    qc, qs = torch.zeros_like(qz), torch.zeros_like(qz)
                 span = slice(n_sink, n_sink + n_quant)
                 c[:, :, span], s[:, :, span], z[:, :, span] = qc, qs, qz
             prom = e.tensors["promoted"]

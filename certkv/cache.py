@@ -19,7 +19,7 @@ from certkv import errors, transforms
 from certkv.attention import StepTokens, default_scale
 from certkv.calibration import Calibration, default_books
 from certkv.certificate import AttentionResult, Certificate
-from certkv.codebook import BookTensor, Codebook, outlier_mask, quantize_book
+from certkv.codebook import BookTensor, Codebook, join, outlier_mask, quantize_book
 from certkv.config import CertConfig
 from certkv.ladder import serve
 from certkv.quant import DEQUANT_REL, QuantizedTensor, quantize
@@ -213,8 +213,8 @@ class TieredKVCache:
         pos = torch.arange(st.n_sink + st.n_quant, st.n_sink + st.n_quant + m, device=self.device)
         qk = self._quantize(st, "k", st.win_k[:, :, :m], pos)
         qv = self._quantize(st, "v", st.win_v[:, :, :m], pos)
-        st.qk = qk if st.qk is None else _join(st.qk, qk)
-        st.qv = qv if st.qv is None else _join(st.qv, qv)
+        st.qk = qk if st.qk is None else join(st.qk, qk)
+        st.qv = qv if st.qv is None else join(st.qv, qv)
         st.win_k, st.win_v = st.win_k[:, :, m:].contiguous(), st.win_v[:, :, m:].contiguous()
         zeros = torch.zeros(st.batch, self.num_kv_heads, m, dtype=torch.int32, device=self.device)
         st.fetch_count = zeros if st.fetch_count is None else torch.cat([st.fetch_count, zeros], dim=2)
@@ -350,6 +350,14 @@ class TieredKVCache:
         """Tier-1's quantized keys and values of ``layer`` as stored (None before the first block)."""
         st = self._layer(layer)
         return st.qk, st.qv
+
+    def used_keys(self, layer: int) -> torch.Tensor | None:
+        """With a key transform: the binary32 keys [B, H_kv, n_quant, D] the step computes with for the
+        quantized span (rotated back from the basis); None without a transform or quantized tokens."""
+        st = self._layer(layer)
+        if self.transform is None or st.qk is None:
+            return None
+        return self._quantized_keys(st)[0]
 
     def promoted_rows(self, layer: int) -> torch.Tensor:
         """(batch, kv head, token index in cache order) of every promoted token, int64 [m, 3]."""
@@ -516,15 +524,6 @@ def _promoted_rows(st: _Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     idx = st.promoted["idx"]
     b, h, slot = (idx >= 0).nonzero(as_tuple=True)
     return b, h, slot, idx[b, h, slot] + st.n_sink
-
-
-def _join(a: Quantized, b: Quantized) -> Quantized:
-    """Quantized blocks concatenated along tokens (one layer always uses one quantizer)."""
-    if isinstance(a, BookTensor) and isinstance(b, BookTensor):
-        return a.cat(b)
-    if isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor):
-        return a.cat(b)
-    raise TypeError(f"cannot join {type(a).__name__} and {type(b).__name__}")
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

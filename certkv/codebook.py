@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from certkv import errors
-from certkv.quant import _round_up_to, pack, unpack
+from certkv.quant import QuantizedTensor, _round_up_to, pack, unpack
 from certkv.rounding import U64
 
 BOOK_SLACK = 2.0**-20
@@ -214,6 +214,36 @@ class BookTensor:
         held = (self.codes, self.scale, self.zero, self.book.levels, self.o_flat, self.o_value, self.o_radius)
         return sum(t.numel() * t.element_size() for t in held)
 
+    def slice(self, heads: torch.Tensor | None, start: int, end: int) -> BookTensor:
+        """Tokens [start, end) of the heads ``heads`` (all if None), outliers included; with token-axis
+        groups, start and end must fall on group boundaries."""
+        g = self.group_size if self.axis == "token" else 1
+        if start % g or end % g:
+            raise ValueError(f"token slice [{start}, {end}) does not fall on groups of {g}")
+        b, h, _, d = self.codes.shape[0], self.codes.shape[1], self.num_tokens, self.head_dim
+        sel = torch.arange(h, device=self.codes.device) if heads is None else heads.to(self.codes.device)
+        ob, oh, ot, od = self._outliers()
+        new_h = torch.full((h,), -1, dtype=torch.long, device=self.codes.device)
+        new_h[sel] = torch.arange(len(sel), device=self.codes.device)
+        keep = (new_h[oh] >= 0) & (ot >= start) & (ot < end)
+        flat = _ravel((ob[keep], new_h[oh[keep]], ot[keep] - start, od[keep]), (b, len(sel), end - start, d))
+
+        def part(t: torch.Tensor, a: int, z: int) -> torch.Tensor:
+            return t[:, sel, a:z].contiguous()
+
+        return BookTensor(
+            part(self.codes, start, end),
+            part(self.scale, start // g, end // g),
+            part(self.zero, start // g, end // g),
+            self.book,
+            self.axis,
+            self.group_size,
+            d,
+            flat.to(torch.int32),
+            self.o_value[keep],
+            self.o_radius[keep],
+        )
+
     def cat(self, other: BookTensor) -> BookTensor:
         """Concatenate along tokens (same layout and codebook)."""
         b, h, t1, _ = self.codes.shape
@@ -232,6 +262,15 @@ class BookTensor:
             torch.cat([self.o_value, other.o_value]),
             torch.cat([self.o_radius, other.o_radius]),
         )
+
+
+def join(a: QuantizedTensor | BookTensor, b: QuantizedTensor | BookTensor) -> QuantizedTensor | BookTensor:
+    """Quantized blocks of one layer concatenated along tokens (a layer keeps one quantizer)."""
+    if isinstance(a, BookTensor) and isinstance(b, BookTensor):
+        return a.cat(b)
+    if isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor):
+        return a.cat(b)
+    raise ValueError(f"cannot join {type(a).__name__} and {type(b).__name__}: a layer keeps one quantizer")
 
 
 def _grouped(x: torch.Tensor, axis: str, g: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Recorded traces: what a certified cache served, with the state needed to re-check every claim.
 
-A trace is a directory (format version 1; every field is documented in docs/trace-format.md):
+A trace is a directory (format version 2, reads 1 too; every field is documented in docs/trace-format.md):
 
 * ``manifest.json``: format name and version, certkv version, the cache's config and shapes, the
   sampling, user metadata. Written once, when the recorder is bound to a cache.
@@ -11,8 +11,9 @@ A trace is a directory (format version 1; every field is documented in docs/trac
 Entries, in serving order, for the sampled layers and KV heads only:
 
 * ``tokens``: Tier-2 originals k, v of tokens [start, end) that earlier entries did not carry;
-* ``quant``: Tier-1 quantized storage (codes, 16-bit scales and zero points) of quantized tokens
-  [start, end) counted within the quantized span, again only what is new;
+* ``quant``: Tier-1 quantized storage (codes, 16-bit scales and zero points; a codebook's levels and
+  outliers; keys rotated back from a transformed basis) of quantized tokens [start, end) counted
+  within the quantized span, again only what is new;
 * ``step``: one served step: query, output, every certificate field, the Tier-2 rows the ladder
   read, the promoted rows, and the positions that locate the rest in the entries above.
 
@@ -40,13 +41,14 @@ from safetensors.torch import load_file, save_file
 
 from certkv import errors
 from certkv.certificate import AttentionResult, Certificate
-from certkv.quant import QuantizedTensor
+from certkv.codebook import BookTensor
 
 if TYPE_CHECKING:
     from certkv.cache import TieredKVCache
 
 FORMAT = "certkv-trace"
-VERSION = 1
+VERSION = 2  # 2 added codebook layouts and rotated-back keys to quant entries (docs/trace-format.md)
+READS = (1, 2)
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 CERT_FIELDS = tuple(f.name for f in dataclasses.fields(Certificate))
@@ -147,11 +149,6 @@ class TraceRecorder:
         """Called by the cache's constructor: validates the sample against it and writes the manifest."""
         if self._cache is not None:
             raise errors.TraceError("this TraceRecorder is already bound to a cache")
-        if cache.config.book_keys or cache.config.book_values:
-            raise errors.ConfigError(
-                "trace format v1 records uniform quantizers only; this cache uses codebooks, outliers or a key "
-                "transform (policies kvquant, rotated): check it with the exact reference instead (docs/policies.md)"
-            )
         s = self.sample
         for name, limit in (("layers", cache.num_layers), ("kv_heads", cache.num_kv_heads)):
             val = getattr(s, name)
@@ -212,16 +209,27 @@ class TraceRecorder:
         qk, qv = cache.quantized_storage(layer)
         n_quant = 0 if qk is None else qk.num_tokens
         if qk is not None and qv is not None and n_quant > cur.quantized:
-            parts = {}
+            parts: dict[str, torch.Tensor] = {}
+            layout: dict[str, Any] = {}
             for role, qt in (("k", qk), ("v", qv)):
-                assert isinstance(qt, QuantizedTensor)  # bind() refuses codebook policies
                 sl = qt.slice(heads.to(qt.codes.device), cur.quantized, n_quant)
                 parts.update({f"{role}_codes": sl.codes, f"{role}_scale": sl.scale, f"{role}_zero": sl.zero})
-            layout = {
-                "key": [qk.bits, qk.axis, qk.group_size],
-                "value": [qv.bits, qv.axis, qv.group_size],
+                layout["key" if role == "k" else "value"] = [qt.bits, qt.axis, qt.group_size]
+                if isinstance(sl, BookTensor):
+                    layout["key" if role == "k" else "value"].append("book")
+                    parts.update({f"{role}_levels": sl.book.levels, f"{role}_oflat": sl.o_flat,
+                                  f"{role}_ovalue": sl.o_value, f"{role}_oradius": sl.o_radius})  # fmt: skip
+            used = cache.used_keys(layer)
+            if used is not None:  # keys rotated back from a basis: the exact reference is given these
+                parts["k_used"] = used[:, heads.to(used.device), cur.quantized : n_quant]
+            meta_q = {
+                "layer": layer,
+                "start": cur.quantized,
+                "end": n_quant,
+                "layout": layout,
+                "used": used is not None,
             }
-            self._add("quant", {"layer": layer, "start": cur.quantized, "end": n_quant, "layout": layout}, parts)
+            self._add("quant", meta_q, parts)
             cur.quantized = n_quant
         n_sink, _ = cache.quantized_span(layer)
         group = q.shape[1] // cache.num_kv_heads
@@ -255,7 +263,8 @@ class TraceRecorder:
         idx = len(self._entries)
         self._entries.append({"kind": kind, **meta})
         for name, t in tensors.items():
-            self._tensors[f"e{idx}.{name}"] = t.detach().cpu().contiguous()
+            # a copy: parts of one entry may share storage (a layer's codebook), which safetensors refuses
+            self._tensors[f"e{idx}.{name}"] = t.detach().to("cpu", copy=True).contiguous()
 
     def flush(self) -> None:
         """Write buffered entries as one chunk, then journal it."""
@@ -333,6 +342,21 @@ ENTRY_TENSORS = {
     "quant": ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"),
     "step": ("q", "output", *(f"cert_{n}" for n in CERT_FIELDS), "rows_stage1", "rows_stage2", "promoted"),
 }
+BOOK_TENSORS = ("levels", "oflat", "ovalue", "oradius")  # per role, for codebook layouts (version 2)
+
+
+def entry_tensors(kind: str, meta: dict[str, Any]) -> tuple[str, ...]:
+    """The tensors an entry carries: fixed per kind, plus a codebook role's table and outliers and the
+    rotated-back keys of a transformed key basis (``quant`` entries, version 2)."""
+    names = ENTRY_TENSORS[kind]
+    if kind == "quant":
+        layout = meta.get("layout") or {}
+        for role, name in (("k", "key"), ("v", "value")):
+            if len(layout.get(name, ())) == 4 and layout[name][3] == "book":
+                names += tuple(f"{role}_{t}" for t in BOOK_TENSORS)
+        if meta.get("used"):
+            names += ("k_used",)
+    return names
 
 
 class TraceReader:
@@ -354,9 +378,9 @@ class TraceReader:
             raise errors.TraceError(f"{mpath}: unreadable manifest ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise errors.TraceError(f"{mpath}: not a certkv trace (format {manifest.get('format')!r})")
-        if manifest.get("version") != VERSION:
+        if manifest.get("version") not in READS:
             raise errors.TraceError(
-                f"{mpath}: trace format version {manifest.get('version')!r}; this certkv reads version {VERSION}"
+                f"{mpath}: trace format version {manifest.get('version')!r}; this certkv reads versions {READS}"
             )
         try:
             cache = manifest["cache"]
@@ -435,7 +459,7 @@ class TraceReader:
                 if kind not in ENTRY_TENSORS:
                     raise errors.TraceError(f"{cpath}: entry {idx} has unknown kind {kind!r}")
                 try:
-                    entry = Entry(kind, meta, {n: tensors[f"e{idx}.{n}"] for n in ENTRY_TENSORS[kind]})
+                    entry = Entry(kind, meta, {n: tensors[f"e{idx}.{n}"] for n in entry_tensors(kind, meta)})
                 except KeyError as exc:
                     raise errors.TraceError(f"{cpath}: entry {idx} ({kind}) lacks tensor {exc}") from None
                 try:
@@ -464,7 +488,8 @@ class TraceReader:
                     raise bad(f"{name} has dtype {x.dtype}; caches hold float16 or bfloat16")
         elif e.kind == "quant":
             t = int(e.meta["end"]) - int(e.meta["start"])
-            for role, (bits, axis, size) in (("k", e.meta["layout"]["key"]), ("v", e.meta["layout"]["value"])):
+            for role, spec in (("k", e.meta["layout"]["key"]), ("v", e.meta["layout"]["value"])):
+                bits, axis, size = spec[:3]
                 codes = e.tensors[f"{role}_codes"]
                 groups = (t // size, d) if axis == "token" else (t, d // size)
                 if codes.dim() != 4 or codes.shape[1:] != (hs, t, d * bits // 8) or codes.dtype != torch.uint8:
@@ -474,6 +499,21 @@ class TraceReader:
                     x = e.tensors[f"{role}_{part}"]
                     if x.dim() != 4 or x.shape[0] != codes.shape[0] or x.shape[1:] != (hs, *groups):
                         raise bad(f"{role}_{part} has shape {tuple(x.shape)}, expected [B, {hs}, {groups}]")
+                if f"{role}_levels" in e.tensors:
+                    lv, flat = e.tensors[f"{role}_levels"], e.tensors[f"{role}_oflat"]
+                    val, rad = e.tensors[f"{role}_ovalue"], e.tensors[f"{role}_oradius"]
+                    if lv.shape != (1 << bits,) or lv.dtype != torch.float32:
+                        raise bad(f"{role}_levels is {lv.dtype} {tuple(lv.shape)}, expected float32 [{1 << bits}]")
+                    m = flat.shape[0] if flat.dim() == 1 else -1
+                    if flat.dtype != torch.int32 or m < 0 or val.shape != (m,) or rad.shape != (m,):
+                        raise bad(f"{role} outliers: positions {flat.dtype} {tuple(flat.shape)}, values "
+                                  f"{tuple(val.shape)}, radii {tuple(rad.shape)} do not match")  # fmt: skip
+                    if m and not (int(flat.min()) >= 0 and int(flat.max()) < codes.shape[0] * hs * t * d):
+                        raise bad(f"{role} outlier positions outside the block")
+            if "k_used" in e.tensors:
+                ku = e.tensors["k_used"]
+                if ku.dtype != torch.float32 or ku.shape != (e.tensors["k_codes"].shape[0], hs, t, d):
+                    raise bad(f"k_used is {ku.dtype} {tuple(ku.shape)}, expected float32 [B, {hs}, {t}, {d}]")
         elif e.kind == "step":
             g = int(e.meta["group"])
             b = e.tensors["q"].shape[0]

@@ -283,3 +283,28 @@ def test_record_cli_on_the_tiny_model(tmp_path, capsys):
     assert not report.violations and report.complete
     assert main([*args, "--prompt-tokens", "300"]) == 2  # the directory is now used
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["kvquant", "rotated:2", "keys=kvquant:8,values=kivi"])
+def test_codebook_policies_record_and_audit(tmp_path, capsys, policy):
+    """Codebook layouts (levels, outliers) and rotated-back keys travel in the trace; the audit checks
+    every claim from the trace alone; a forged outlier position is refused as unreadable."""
+    path = tmp_path / "book"
+    _, results = decode_run(path, policy=policy, key_outliers=0.05)
+    report = audit(path)
+    assert not report.violations and len(report.steps) == len(results)
+    assert sum(report.stage_counts()) == len(results) * 2 * HQ
+    chunk = load_file(str(path / "chunk-000000.safetensors"))
+    assert any(name.endswith(".k_used") for name in chunk)  # every one of these rotates keys
+    assert any(name.endswith(".k_levels") for name in chunk)
+    assert any(name.endswith(".v_levels") for name in chunk) == (policy != "keys=kvquant:8,values=kivi")
+    assert any(name.endswith(".k_oflat") and t.numel() for name, t in chunk.items())
+
+    def forge(tensors):
+        name = next(n for n in tensors if n.endswith(".k_oflat") and tensors[n].numel())
+        tensors[name][0] = 10**9
+
+    bad = copy_trace(path, tmp_path / "forged")
+    rewrite_chunk(bad, 0, forge)
+    assert run_cli(str(bad)) == 2
+    assert "outlier positions outside the block" in capsys.readouterr().err

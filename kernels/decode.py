@@ -63,23 +63,43 @@ class Tier1:
 
 
 @triton.jit
-def _dequant_block(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n0, rows, d, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys and values of tokens n0 + rows (binary32, [BLOCK_N, D]); a block never straddles a key group.
-    Every load is a coalesced row of the stored layout; nibbles and group scales are expanded in registers."""
+def _dequant_keys(kc_ptr, ks_ptr, kz_ptr, n0, rows, d, D: tl.constexpr, DT: tl.constexpr):
+    """Keys of tokens n0 + rows, [BLOCK_N, D] in DT (binary32, or FP16 arithmetic for FP16 operands);
+    a block never straddles a key group. Coalesced rows; group scales broadcast in registers."""
     tok = n0 + rows
-    c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(tl.float32)
+    c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(DT)
     g = n0 // 128
-    k = c * tl.load(ks_ptr + g * D + d).to(tl.float32)[None, :] + tl.load(kz_ptr + g * D + d).to(tl.float32)[None, :]
+    return c * tl.load(ks_ptr + g * D + d).to(DT)[None, :] + tl.load(kz_ptr + g * D + d).to(DT)[None, :]
+
+
+@triton.jit
+def _dequant_nibbles(code, vs, vz, BLOCK_N: tl.constexpr, C: tl.constexpr, GROUPS: tl.constexpr):
+    """code [BLOCK_N, C] with ``GROUPS`` equal scale groups along C; vs, vz [BLOCK_N, GROUPS]."""
+    x = tl.reshape(code, (BLOCK_N, GROUPS, C // GROUPS)) * vs[:, :, None] + vz[:, :, None]
+    return tl.reshape(x, (BLOCK_N, C))
+
+
+@triton.jit
+def _dequant_values(vc_ptr, vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+                    SPLIT_V: tl.constexpr):  # fmt: skip
+    """Values of tokens n0 + rows. SPLIT_V: (even channels, odd channels), each [BLOCK_N, D/2] (the low
+    and high nibbles as stored, no interleave); otherwise one [BLOCK_N, D] in channel order."""
+    tok = n0 + rows
     half = tl.arange(0, D // 2)
     byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + half[None, :])
-    # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] restores channel order
-    code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(tl.float32)
     groups = tl.arange(0, D // 64)
     at = tok[:, None] * (D // 64) + groups[None, :]
-    vs = tl.load(vs_ptr + at).to(tl.float32)
-    vz = tl.load(vz_ptr + at).to(tl.float32)
-    v = tl.reshape(tl.reshape(code, (BLOCK_N, D // 64, 64)) * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
-    return k, v
+    vs = tl.load(vs_ptr + at).to(DT)
+    vz = tl.load(vz_ptr + at).to(DT)
+    if SPLIT_V:
+        # channel 2i (low nibble) and 2i + 1 (high) both lie in scale group i // 32
+        lo = _dequant_nibbles((byte & 15).to(DT), vs, vz, BLOCK_N, D // 2, D // 64)
+        hi = _dequant_nibbles((byte >> 4).to(DT), vs, vz, BLOCK_N, D // 2, D // 64)
+        return lo, hi
+    # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] restores channel order
+    code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(DT)
+    v = _dequant_nibbles(code, vs, vz, BLOCK_N, D, D // 64)
+    return v, v
 
 
 @triton.jit
@@ -97,7 +117,7 @@ def _decode_kernel(
     m_ptr, l_ptr, acc_ptr,
     n_quant, n_sink, n_win, chunk, qk_scale,
     SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,6 +128,9 @@ def _decode_kernel(
     m = tl.full((GP,), -float("inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
+    acc_lo = tl.zeros((GP, D // 2), tl.float32)  # SPLIT_V: even and odd channels
+    acc_hi = tl.zeros((GP, D // 2), tl.float32)
+    DT: tl.constexpr = tl.float16 if DEQ16 else tl.float32
     if split < SPLITS:
         kc = kc_ptr + bh * n_quant * D
         ks = ks_ptr + bh * (n_quant // 128) * D
@@ -118,13 +141,18 @@ def _decode_kernel(
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
-            k, v = _dequant_block(kc, ks, kz, vc, vs, vz, n0, rows, d, D, BLOCK_N)
+            k = _dequant_keys(kc, ks, kz, n0, rows, d, D, DT)
             t = _mma(q, tl.trans(k), PRECISION) * qk_scale
             m_new = tl.maximum(m, tl.max(t, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(t - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
+            v_a, v_b = _dequant_values(vc, vs, vz, n0, rows, D, BLOCK_N, DT, SPLIT_V)
+            if SPLIT_V:
+                acc_lo = acc_lo * alpha[:, None] + _mma(p, v_a, PRECISION)
+                acc_hi = acc_hi * alpha[:, None] + _mma(p, v_b, PRECISION)
+            else:
+                acc = acc * alpha[:, None] + _mma(p, v_a, PRECISION)
             m = m_new
     else:
         for seg in tl.static_range(2):
@@ -154,7 +182,13 @@ def _decode_kernel(
     out = bh * (SPLITS + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
-    tl.store(acc_ptr + out * GP * D + gi[:, None] * D + d[None, :], acc)
+    base = acc_ptr + out * GP * D + gi[:, None] * D
+    if SPLIT_V and split < SPLITS:
+        half = tl.arange(0, D // 2)
+        tl.store(base + 2 * half[None, :], acc_lo)
+        tl.store(base + 2 * half[None, :] + 1, acc_hi)
+    else:
+        tl.store(base + d[None, :], acc)
 
 
 def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs: int = 264) -> int:
@@ -174,12 +208,18 @@ def decode_partials(
     precision: str = "ieee",
     num_warps: int = 4,
     num_stages: int = 3,
+    deq16: bool = False,
+    split_v: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D].
 
     ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes), "tf32" or
     "fp16" (tensor cores; operands rounded to 10-bit mantissas: faster, not yet covered by any
-    certificate; "fp16" also overflows beyond 65504, so it suits FP16 models only)."""
+    certificate; "fp16" also overflows beyond 65504, so it suits FP16 models only). ``deq16``:
+    dequantize in FP16 arithmetic (FP16 operands only); ``split_v``: accumulate even and odd value
+    channels separately instead of interleaving the nibbles in registers."""
+    if deq16 and precision != "fp16":
+        raise ValueError("deq16 needs precision='fp16'")
     b, h, g, d = q.shape
     n_quant = t1.kc.shape[2]
     if n_quant % KEY_GROUP or d % VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
@@ -195,8 +235,8 @@ def decode_partials(
         q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
         m, l_sum, acc,
         n_quant, t1.sink_k.shape[2], t1.win_k.shape[2], chunk, scale * LOG2E,
-        SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, num_warps=num_warps,
-        num_stages=num_stages,
+        SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return m, l_sum, acc
 

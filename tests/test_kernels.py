@@ -52,13 +52,19 @@ def test_kernel_output_agrees_with_certkvs_stage0_path():
     assert torch.allclose(out.float(), served.output.float(), rtol=2**-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision, tol", [("tf32", 4e-3), ("fp16", 4e-3)])
-def test_tensor_core_variants_stay_close(precision, tol):
-    # operands rounded to 10-bit mantissas (on the CPU interpreter: exact binary32 for tf32)
+@pytest.mark.parametrize(
+    "precision, tol, options",
+    [("tf32", 4e-3, {}), ("fp16", 4e-3, {}), ("fp16", 4e-3, {"deq16": True}), ("fp16", 4e-3, {"split_v": True}),
+     ("ieee", 2e-6, {"split_v": True})],
+)  # fmt: skip
+def test_tensor_core_variants_stay_close(precision, tol, options):
+    # operands rounded to 10-bit mantissas (on the CPU interpreter: exact binary32 for tf32); split_v
+    # only reorders the value channels' accumulation
     cache = filled_cache(1, 2, 520, torch.float16, seed=9)
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2, scale=2.0).to(DEVICE).reshape(1, 2, 2, 128)
     t1 = from_cache(cache, 0)
-    got = combine(*decode_partials(q, t1, 128**-0.5, precision=precision, block=32), 2).reshape(1, 2, 2, 128)
+    partials = decode_partials(q, t1, 128**-0.5, precision=precision, block=32, **options)
+    got = combine(*partials, 2).reshape(1, 2, 2, 128)
     want = decode_reference(q.cpu(), on_cpu(t1), 128**-0.5)
     assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < tol
 

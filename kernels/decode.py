@@ -63,11 +63,22 @@ class Tier1:
 
 
 @triton.jit
+def _to_float(x, DT: tl.constexpr):
+    """Unsigned integer codes (< 256) to DT exactly, without integer-to-float conversion instructions
+    (they run at a fraction of the FMA rate): OR the code into the mantissa of 2^10 (FP16) or 2^23
+    (binary32) and subtract that power of two, both exact."""
+    if DT == tl.float16:  # noqa: SIM300 (DT is a constexpr argument, not a constant)
+        return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _dequant_keys(kc_ptr, ks_ptr, kz_ptr, n0, rows, d, D: tl.constexpr, DT: tl.constexpr):
     """Keys of tokens n0 + rows, [BLOCK_N, D] in DT (binary32, or FP16 arithmetic for FP16 operands);
     a block never straddles a key group. Coalesced rows; group scales broadcast in registers."""
     tok = n0 + rows
-    c = tl.load(kc_ptr + tok[:, None] * D + d[None, :]).to(DT)
+    c = _to_float(tl.load(kc_ptr + tok[:, None] * D + d[None, :]), DT)
     g = n0 // 128
     return c * tl.load(ks_ptr + g * D + d).to(DT)[None, :] + tl.load(kz_ptr + g * D + d).to(DT)[None, :]
 
@@ -80,26 +91,15 @@ def _dequant_nibbles(code, vs, vz, BLOCK_N: tl.constexpr, C: tl.constexpr, GROUP
 
 
 @triton.jit
-def _dequant_values(vc_ptr, vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                    SPLIT_V: tl.constexpr):  # fmt: skip
-    """Values of tokens n0 + rows. SPLIT_V: (even channels, odd channels), each [BLOCK_N, D/2] (the low
-    and high nibbles as stored, no interleave); otherwise one [BLOCK_N, D] in channel order."""
+def _value_bytes(vc_ptr, vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, DT: tl.constexpr):
+    """Packed value bytes [BLOCK_N, D/2] of tokens n0 + rows and their scales and zero points
+    [BLOCK_N, D/64] in DT; coalesced rows."""
     tok = n0 + rows
     half = tl.arange(0, D // 2)
     byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + half[None, :])
     groups = tl.arange(0, D // 64)
     at = tok[:, None] * (D // 64) + groups[None, :]
-    vs = tl.load(vs_ptr + at).to(DT)
-    vz = tl.load(vz_ptr + at).to(DT)
-    if SPLIT_V:
-        # channel 2i (low nibble) and 2i + 1 (high) both lie in scale group i // 32
-        lo = _dequant_nibbles((byte & 15).to(DT), vs, vz, BLOCK_N, D // 2, D // 64)
-        hi = _dequant_nibbles((byte >> 4).to(DT), vs, vz, BLOCK_N, D // 2, D // 64)
-        return lo, hi
-    # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] restores channel order
-    code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)).to(DT)
-    v = _dequant_nibbles(code, vs, vz, BLOCK_N, D, D // 64)
-    return v, v
+    return byte, tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
 
 
 @triton.jit
@@ -147,12 +147,19 @@ def _decode_kernel(
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(t - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            v_a, v_b = _dequant_values(vc, vs, vz, n0, rows, D, BLOCK_N, DT, SPLIT_V)
+            byte, v_s, v_z = _value_bytes(vc, vs, vz, n0, rows, D, DT)
             if SPLIT_V:
-                acc_lo = acc_lo * alpha[:, None] + _mma(p, v_a, PRECISION)
-                acc_hi = acc_hi * alpha[:, None] + _mma(p, v_b, PRECISION)
+                # channel 2i (low nibble) and 2i + 1 (high) both lie in scale group i // 32: two
+                # accumulators, no interleave in registers
+                v_lo = _dequant_nibbles(_to_float(byte & 15, DT), v_s, v_z, BLOCK_N, D // 2, D // 64)
+                v_hi = _dequant_nibbles(_to_float(byte >> 4, DT), v_s, v_z, BLOCK_N, D // 2, D // 64)
+                acc_lo = acc_lo * alpha[:, None] + _mma(p, v_lo, PRECISION)
+                acc_hi = acc_hi * alpha[:, None] + _mma(p, v_hi, PRECISION)
             else:
-                acc = acc * alpha[:, None] + _mma(p, v_a, PRECISION)
+                # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] is channel order
+                code = _to_float(tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)), DT)
+                v = _dequant_nibbles(code, v_s, v_z, BLOCK_N, D, D // 64)
+                acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
             m = m_new
     else:
         for seg in tl.static_range(2):

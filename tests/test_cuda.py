@@ -10,10 +10,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_cache_is_sound_at_every_stage(dtype):
+@pytest.mark.parametrize("policy", [None, "kvquant", "rotated:2", "keys=kvquant:8,values=kivi"])
+def test_cuda_cache_is_sound_at_every_stage(dtype, policy):
     k, v = make_kv(b=2, n=300, dtype=dtype, outlier=10.0)
     q = make_q(b=2, dtype=dtype, scale=3.0)
-    cache = certkv.TieredKVCache(1, 2, 32, config=small_config(out_tol=0.01, out_rtol=0.0), device="cuda")
+    cfg = small_config(out_tol=0.01, out_rtol=0.0, policy=policy, key_outliers=0.05 if policy else 0.0)
+    cache = certkv.TieredKVCache(1, 2, 32, config=cfg, device="cuda")
     cache.append(0, k.cuda(), v.cuda())
     ko, _ = cache.originals(0)
     assert ko.is_pinned() and not ko.is_cuda
@@ -25,15 +27,15 @@ def test_cuda_cache_is_sound_at_every_stage(dtype):
     assert torch.equal(res.output[at3], dense[at3])
 
 
-def test_cuda_trace_audits_on_the_host(tmp_path):
+@pytest.mark.parametrize("policy", [None, "kvquant"])
+def test_cuda_trace_audits_on_the_host(tmp_path, policy):
     from certkv.audit import audit
     from certkv.trace import TraceRecorder
 
     k, v = make_kv(b=2, n=200, outlier=10.0)
     with TraceRecorder(tmp_path / "t") as rec:
-        cache = certkv.TieredKVCache(
-            1, 2, 32, config=small_config(out_tol=0.01, out_rtol=0.0), device="cuda", recorder=rec
-        )
+        cfg = small_config(out_tol=0.01, out_rtol=0.0, policy=policy)
+        cache = certkv.TieredKVCache(1, 2, 32, config=cfg, device="cuda", recorder=rec)
         cache.append(0, k.cuda(), v.cuda())
         for seed in range(3):
             cache.attend(0, make_q(b=2, seed=seed, scale=3.0).cuda())

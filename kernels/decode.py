@@ -104,8 +104,12 @@ def _value_bytes(vc_ptr, vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, DT: tl.const
 
 @triton.jit
 def _mma(a, b, PRECISION: tl.constexpr):
-    """a @ b with binary32 accumulation; operands binary32 ("ieee"), TF32 ("tf32") or rounded to FP16 ("fp16")."""
-    if PRECISION == "fp16":
+    """a @ b with binary32 accumulation; operands binary32 ("ieee"), TF32 ("tf32") or rounded to FP16 ("fp16")
+    on tensor cores, or binary32 products summed on the CUDA cores ("fma": broadcast and reduce in
+    registers, no shared-memory round trip and no padding of the GQA rows to 16)."""
+    if PRECISION == "fma":
+        return tl.sum(a[:, :, None].to(tl.float32) * b[None, :, :].to(tl.float32), axis=1)
+    elif PRECISION == "fp16":
         return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
     else:
         return tl.dot(a, b, input_precision=PRECISION)
@@ -220,7 +224,8 @@ def decode_partials(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D].
 
-    ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes), "tf32" or
+    ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes), "fma"
+    (the same arithmetic on CUDA cores, GQA rows unpadded), "tf32" or
     "fp16" (tensor cores; operands rounded to 10-bit mantissas: faster, not yet covered by any
     certificate; "fp16" also overflows beyond 65504, so it suits FP16 models only). ``deq16``:
     dequantize in FP16 arithmetic (FP16 operands only); ``split_v``: accumulate even and odd value
@@ -234,7 +239,7 @@ def decode_partials(
     s = splits_for(b * h, n_quant, block) if splits is None else splits
     chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
     s = math.ceil(n_quant / chunk) if chunk else 0
-    gp = max(16, triton.next_power_of_2(g))  # tl.dot needs at least 16 rows
+    gp = triton.next_power_of_2(g) if precision == "fma" else max(16, triton.next_power_of_2(g))  # tl.dot: >= 16
     m = torch.empty(b * h, s + 1, gp, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b * h, s + 1, gp, d, dtype=torch.float32, device=q.device)

@@ -55,7 +55,7 @@ def test_kernel_output_agrees_with_certkvs_stage0_path():
 @pytest.mark.parametrize(
     "precision, tol, options",
     [("tf32", 4e-3, {}), ("fp16", 4e-3, {}), ("fp16", 4e-3, {"deq16": True}), ("fp16", 4e-3, {"split_v": True}),
-     ("ieee", 2e-6, {"split_v": True})],
+     ("ieee", 2e-6, {"split_v": True}), ("fma", 2e-6, {}), ("fma", 2e-6, {"split_v": True})],
 )  # fmt: skip
 def test_tensor_core_variants_stay_close(precision, tol, options):
     # operands rounded to 10-bit mantissas (on the CPU interpreter: exact binary32 for tf32); split_v

@@ -7,7 +7,9 @@ threshold only which values are kept exactly; the radii come from the codebook's
 
 Fitting (reproducible from ``seed``):
 * key thresholds: per (KV head, channel) quantiles at f/2 and 1 - f/2 of the keys in the policy's
-  basis (pre-RoPE, rotated or as is), f = ``key_outliers``; the same for values.
+  basis (pre-RoPE, rotated or as is), f = ``key_outliers``. Value outliers are chosen online per
+  vector, as KVQuant does (``certkv.codebook.outlier_mask`` without thresholds), so only their
+  effect on the value codebook is fitted here.
 * codebooks: weighted Lloyd-Max on the inliers normalised to [0, 1] by their group's min and max, in
   the policy's grouping. ``nuq`` weights a key value by its channel's sensitivity (the mean of
   (T^T q)_j^2: the first-order change of a logit per unit of key error) and a value by the mean
@@ -26,25 +28,25 @@ from typing import Any
 import torch
 
 from certkv import errors, transforms
-from certkv.codebook import Codebook, gaussian_lloyd_max, lloyd_max, uniform
+from certkv.codebook import Codebook, gaussian_lloyd_max, lloyd_max, outlier_mask, uniform
 from certkv.config import CertConfig
 
 FORMAT = "certkv-calibration"
 VERSION = 1
-TENSORS = ("key_levels", "value_levels", "key_bounds", "value_bounds")
+TENSORS = ("key_levels", "value_levels", "key_bounds")
 
 
 @dataclass
 class Calibration:
-    """Per layer: key and value codebook levels [L, 2^bits] (absent for uniform codebooks) and
-    outlier thresholds [L, 2, H_kv, D] (lo, hi; absent without outliers). ``meta`` records what
+    """Per layer: key and value codebook levels [L, 2^bits] (absent for uniform codebooks) and key
+    outlier thresholds [L, 2, H_kv, D] (lo, hi; absent without key outliers; value outliers are chosen
+    per vector at serving time). ``meta`` records what
     produced it (policy fields, seed, data) so a mismatched cache is refused."""
 
     meta: dict[str, Any]
     key_levels: torch.Tensor | None = None
     value_levels: torch.Tensor | None = None
     key_bounds: torch.Tensor | None = None
-    value_bounds: torch.Tensor | None = None
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -85,8 +87,10 @@ class Calibration:
         )
 
     def bounds(self, role: str, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        table = self.key_bounds if role == "k" else self.value_bounds
-        return None if table is None else (table[layer, 0], table[layer, 1])
+        """Calibrated (lo, hi) outlier thresholds [H_kv, D] of keys; None for values (chosen per vector)."""
+        if role != "k" or self.key_bounds is None:
+            return None
+        return self.key_bounds[layer, 0], self.key_bounds[layer, 1]
 
 
 def default_books(cfg: CertConfig) -> tuple[Codebook, Codebook]:
@@ -199,7 +203,7 @@ def calibrate(
     tf = transforms.make(cfg.key_transform, d, cfg.rope_theta, cfg.transform_seed)
     pos = torch.arange(t)
     levels: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
-    bounds: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+    bounds: list[torch.Tensor] = []
     for layer, (q, k, v, scaling) in enumerate(zip(qs, ks, vs, scalings, strict=True)):
         group = q.shape[1] // hkv
         qg = q.double().reshape(q.shape[0], hkv, group, t, d)
@@ -222,10 +226,14 @@ def calibrate(
              cfg.value_outliers),
         ):  # fmt: skip
             inlier = torch.ones_like(data, dtype=torch.bool)
-            if frac > 0:
+            if frac > 0 and role == "k":
                 th = _thresholds(data, frac)
-                bounds[role].append(th)
+                bounds.append(th)
                 inlier = (data >= th[0][None, :, None].double()) & (data <= th[1][None, :, None].double())
+            elif frac > 0:  # the serving rule: each group's farthest share from its median
+                whole = data.shape[2] - data.shape[2] % size if axis == "token" else data.shape[2]
+                data, weight = data[:, :, :whole], weight[:, :, :whole]
+                inlier = ~outlier_mask(data, axis, size, frac, None)
             if kind != "uniform":
                 tt, use = _normalised(data, inlier, axis, size)
                 w = weight[:, :, : tt.shape[2]]
@@ -236,6 +244,5 @@ def calibrate(
         meta,
         key_levels=torch.stack(levels["k"]) if levels["k"] else None,
         value_levels=torch.stack(levels["v"]) if levels["v"] else None,
-        key_bounds=torch.stack(bounds["k"]) if bounds["k"] else None,
-        value_bounds=torch.stack(bounds["v"]) if bounds["v"] else None,
+        key_bounds=torch.stack(bounds) if bounds else None,
     )

@@ -61,6 +61,7 @@ def test_calibration_is_reproducible_and_checked(model, ids, tmp_path):
     first, second = (Calibration.load(p) for p in paths)  # safetensors may order its header differently
     assert first.meta == second.meta
     assert all(torch.equal(getattr(first, n), getattr(second, n)) for n in TENSORS)
+    assert first.bounds("v", 0) is None and first.bounds("k", 0)[0].shape == (2, 128)
     other = from_model(model, ids, cfg, sequences=2, length=128, seed=4, source="test")
     assert not torch.equal(other.key_levels, cal.key_levels)
     loaded = Calibration.load(paths[0])

@@ -49,7 +49,6 @@ Quantized = QuantizedTensor | BookTensor
 
 @dataclass
 class _Layer:
-    index: int
     books: tuple[Codebook, Codebook]
     bounds: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
     dtype: torch.dtype | None = None
@@ -122,7 +121,6 @@ class TieredKVCache:
             calibration.check(cfg, num_layers, num_kv_heads, head_dim)
         self._layers = [
             _Layer(
-                i,
                 default_books(cfg) if calibration is None else calibration.books(cfg, i),
                 {r: None if calibration is None else calibration.bounds(r, i) for r in ("k", "v")},
             )

@@ -103,13 +103,8 @@ def _record(args: argparse.Namespace) -> int:
     from certkv.record import record
     from certkv.trace import TraceSample
 
-    cfg = certkv.CertConfig(
-        window=args.window,
-        sinks=args.sinks,
-        key_bits=args.key_bits,
-        value_bits=args.value_bits,
-        max_stage=args.max_stage,
-    )
+    given = {f: getattr(args, f) for f in ("window", "sinks", "key_bits", "value_bits", "max_stage", "calibration")}
+    cfg = certkv.CertConfig(policy=args.policy, **{f: v for f, v in given.items() if v is not None})
     sample = TraceSample(
         layers=tuple(args.layers) if args.layers else None,
         kv_heads=tuple(args.kv_heads) if args.kv_heads else None,
@@ -222,11 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-new-tokens", type=int, default=8)
     r.add_argument("--prompt-tokens", type=int, help="keep the first N prompt tokens")
     r.add_argument("--dtype", choices=("auto", "float16", "bfloat16"), default="auto")
-    r.add_argument("--window", type=int, default=certkv.CertConfig.window)
-    r.add_argument("--sinks", type=int, default=certkv.CertConfig.sinks)
-    r.add_argument("--key-bits", type=int, default=certkv.CertConfig.key_bits)
-    r.add_argument("--value-bits", type=int, default=certkv.CertConfig.value_bits)
-    r.add_argument("--max-stage", type=int, default=certkv.CertConfig.max_stage)
+    r.add_argument("--policy", help="a quantization policy (docs/policies.md); the options below override it")
+    r.add_argument("--calibration", help="a file from certkv calibrate, for a codebook policy")
+    r.add_argument("--window", type=int, help=f"default {certkv.CertConfig.window}")
+    r.add_argument("--sinks", type=int, help=f"default {certkv.CertConfig.sinks}")
+    r.add_argument("--key-bits", type=int, help=f"default {certkv.CertConfig.key_bits}")
+    r.add_argument("--value-bits", type=int, help=f"default {certkv.CertConfig.value_bits}")
+    r.add_argument("--max-stage", type=int, help=f"default {certkv.CertConfig.max_stage}")
     r.add_argument("--layers", type=int, nargs="+", help="record these layers only")
     r.add_argument("--kv-heads", type=int, nargs="+", help="record these KV heads only")
     r.add_argument("--every", type=int, default=1, help="record every N-th step of each layer")

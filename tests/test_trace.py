@@ -283,6 +283,13 @@ def test_record_cli_on_the_tiny_model(tmp_path, capsys):
     assert not report.violations and report.complete
     assert main([*args, "--prompt-tokens", "300"]) == 2  # the directory is now used
     assert "refusing to overwrite" in capsys.readouterr().err
+    book = tmp_path / "book"
+    args = ["record", "--model", str(DEFAULT_MODEL), "--text", str(text), "--out", str(book), "--policy", "kvquant"]
+    assert main([*args, "--prompt-tokens", "300", "--max-new-tokens", "2", "--layers", "1"]) == 0
+    manifest = json.loads((book / MANIFEST).read_text())
+    assert manifest["config"]["key_transform"] == "rope" and manifest["config"]["rope_theta"] == 500000.0
+    report = audit(book)
+    assert len(report.steps) == 2 and not report.violations
 
 
 @pytest.mark.parametrize("policy", ["kvquant", "rotated:2", "keys=kvquant:8,values=kivi"])

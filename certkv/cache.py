@@ -425,11 +425,16 @@ class TieredKVCache:
         return k, v
 
     def _fetch_dense(self, st: _Layer, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole (batch row, KV head) pairs from Tier-2, [m, 1, n, D] on the cache's device. Each pair's
+        rows are one contiguous run of the pinned buffer, copied straight to the device (no gather into
+        pageable memory first, which made the copy synchronous and bounded by a CPU memcpy)."""
         assert st.tier2_k is not None and st.tier2_v is not None
-        bc, hc = b.cpu(), h.cpu()
-        k = st.tier2_k[bc, hc, : st.length].unsqueeze(1).to(self.device, non_blocking=self._pin)
-        v = st.tier2_v[bc, hc, : st.length].unsqueeze(1).to(self.device, non_blocking=self._pin)
-        return k, v
+        n = st.length
+        out = [torch.empty((len(b), 1, n, self.head_dim), dtype=st.tier2_k.dtype, device=self.device) for _ in "kv"]
+        for j, (bi, hi) in enumerate(zip(b.tolist(), h.tolist(), strict=True)):
+            out[0][j, 0].copy_(st.tier2_k[bi, hi, :n], non_blocking=self._pin)
+            out[1][j, 0].copy_(st.tier2_v[bi, hi, :n], non_blocking=self._pin)
+        return out[0], out[1]
 
     def _count_fetches(self, st: _Layer, fetched: torch.Tensor) -> None:
         """Adaptive precision: quantized tokens fetched ``promote_after`` times move to FP16 in Tier-1."""

@@ -3,7 +3,8 @@ host-to-device floor, on the GPU: ``PYTHONPATH=. python benchmarks/fetch_bench.p
 
 Times (wall clock to completion, median of 20, the copies synchronised): the floor (two preallocated
 device buffers filled from the pinned rows), ``TieredKVCache._fetch_dense`` as it serves stage 3, and
-the gather-then-copy it replaced (advanced indexing makes a pageable CPU copy first).
+the gather-then-copy it replaced (advanced indexing makes a pageable CPU copy first); and the stage-1/2
+row fetch (``_fetch_rows``, an eighth of one head's tokens) against the pageable gather it replaced.
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ def main() -> None:
         st.tier2_k[b, h, :n].unsqueeze(1).to("cuda", non_blocking=True)
         st.tier2_v[b, h, :n].unsqueeze(1).to("cuda", non_blocking=True)
 
+    rows = torch.randperm(n)[: n // 8].sort().values  # stage 1/2: an eighth of one head's tokens
+    rb, rh = torch.zeros_like(rows), torch.full_like(rows, 3)
+
+    def rows_gather() -> None:  # the gather the row fetch replaced: pageable, then a synchronous copy
+        st.tier2_k[rb, rh, rows].to("cuda", non_blocking=True)
+        st.tier2_v[rb, rh, rows].to("cuda", non_blocking=True)
+
+    k_r, v_r = cache._fetch_rows(st, rb, rh, rows)
+    assert torch.equal(k_r.cpu(), st.tier2_k[0, 3, rows]) and torch.equal(v_r.cpu(), st.tier2_v[0, 3, rows])
     k_d, v_d = cache._fetch_dense(st, b, h)
     assert torch.equal(k_d[0, 0].cpu(), st.tier2_k[0, 3, :n]) and torch.equal(v_d[0, 0].cpu(), st.tier2_v[0, 3, :n])
     nbytes = 2 * n * D * 2
@@ -64,6 +74,9 @@ def main() -> None:
         ms = wall_ms(fn)
         result[f"{name}_ms"] = ms
         result[f"{name}_gb_per_s"] = nbytes / ms / 1e6
+    result["rows"] = len(rows)
+    for name, fn in (("fetch_rows", lambda: cache._fetch_rows(st, rb, rh, rows)), ("rows_gather", rows_gather)):
+        result[f"{name}_ms"] = wall_ms(fn)
     result["fetch_dense_over_floor"] = result["fetch_dense_ms"] / result["floor_ms"]
     result["gather_over_floor"] = result["gather_ms"] / result["floor_ms"]
     args.out.mkdir(parents=True, exist_ok=True)

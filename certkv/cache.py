@@ -418,11 +418,17 @@ class TieredKVCache:
     def _fetch_rows(
         self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, kv head, token) rows from Tier-2, [m, D] each on the cache's device: gathered into a
+        pinned buffer, so the device copy is asynchronous (a pageable gather would make it synchronous)."""
         assert st.tier2_k is not None and st.tier2_v is not None
-        bc, hc, tc = b.cpu(), h.cpu(), t.cpu()
-        k = st.tier2_k[bc, hc, tc].to(self.device, non_blocking=self._pin)
-        v = st.tier2_v[bc, hc, tc].to(self.device, non_blocking=self._pin)
-        return k, v
+        cap = st.tier2_k.shape[2]
+        flat = (b.cpu() * self.num_kv_heads + h.cpu()) * cap + t.cpu()
+        out = []
+        for buf in (st.tier2_k, st.tier2_v):
+            rows = torch.empty((len(flat), self.head_dim), dtype=buf.dtype, pin_memory=self._pin)
+            torch.index_select(buf.view(-1, self.head_dim), 0, flat, out=rows)
+            out.append(rows.to(self.device, non_blocking=self._pin))
+        return out[0], out[1]
 
     def _fetch_dense(self, st: _Layer, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole (batch row, KV head) pairs from Tier-2, [m, 1, n, D] on the cache's device. Each pair's

@@ -243,10 +243,10 @@ class TieredKVCache:
         if self.transform is None:
             return st.qk.dequantize(), st.qk.radius(), st.qk.magnitude(), None
         pos = torch.arange(st.n_sink, st.n_sink + st.n_quant, device=self.device)
-        k_used, delta = self.transform.from_basis(st.qk.dequantize(), pos)
         # |x_hat32 - x*| <= radius (exact dequantized vs original) + the binary32 dequantization error
-        basis = self.transform.pair(st.qk.radius().double() + DEQUANT_REL * st.qk.magnitude())
-        return k_used, delta, k_used.double().abs(), basis
+        r = st.qk.radius().double() + DEQUANT_REL * st.qk.magnitude()
+        k_used, delta = self.transform.from_basis(st.qk.dequantize(), pos, r)
+        return k_used, delta, k_used.double().abs(), self.transform.pair(r)
 
     # ------------------------------------------------------------------ views
     def seq_len(self, layer: int) -> int:

@@ -33,8 +33,9 @@ class KeyTransform(Protocol):
         """float64 x [B, H, T, D] and x_err >= |x - x*| with T_i x* = k exactly (k 16-bit, pos [T])."""
         ...
 
-    def from_basis(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """binary32 k_used = fl32(T_i x) [B, H, T, D] and binary32 delta >= |k_used - T_i x| (x binary32)."""
+    def from_basis(self, x: torch.Tensor, pos: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """binary32 k_used = fl32(T'_i x) [B, H, T, D] (x binary32) and binary32
+        delta >= |k_used - T'_i x| + |(T'_i - T_i) x*| for every x* with |x - x*| <= r."""
         ...
 
     def dual(self, q: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,15 @@ class KeyTransform(Protocol):
 
 
 class RoPE:
-    """Rotary position embedding (rotate-half convention), token position = cache index."""
+    """Rotary position embedding (rotate-half convention), token position = cache index.
+
+    The cos/sin table is recomputed at each call. Two float64 evaluations of cos or sin at the same
+    angle can differ by an ulp (torch's vectorised and scalar paths), so the binary32 tables of two
+    calls can differ by one binary32 ulp: |c' - c| <= 2^-23 |c| + 2^-149 <= TABLE_GAP, provided each
+    float64 evaluation is faithful (within an ulp; ``tests/test_transforms.py`` measures it against
+    mpmath). ``from_basis`` charges (M' - M) x* to delta."""
+
+    TABLE_GAP = 2.0**-22
 
     def __init__(self, head_dim: int, theta: float) -> None:
         if head_dim % 2:
@@ -75,12 +84,15 @@ class RoPE:
         err = 4 * U64 * (k1.abs() + k2.abs())
         return x, torch.cat([err, err], dim=-1)
 
-    def from_basis(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_basis(self, x: torch.Tensor, pos: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, s = self._cos_sin(pos)
         x1, x2 = x.double().split(self.half, dim=-1)
         # products exact (24 x 24 bits), one float64 rounding of the difference, then the binary32 cast
         k = torch.cat([c * x1 - s * x2, s * x1 + c * x2], dim=-1).float()
         pair = 1.01 * U64 * (x1.abs() + x2.abs())
+        # a table one ulp off the one to_basis used: every entry of M' - M is <= TABLE_GAP
+        r1, r2 = r.double().split(self.half, dim=-1)
+        pair = pair + self.TABLE_GAP * (x1.abs() + r1 + x2.abs() + r2) * (1 + 2.0**-40)
         delta = 1.0001 * U32 * k.double().abs() + torch.cat([pair, pair], dim=-1) + TINY32
         return k, up32(delta)
 
@@ -125,7 +137,8 @@ class Hadamard:
         err = gamma(self.d, U64) * kd.abs().sum(-1, keepdim=True) / self.n1
         return x, err.expand_as(x)
 
-    def from_basis(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_basis(self, x: torch.Tensor, pos: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # T' = T exactly (integer matrix, power-of-two scaling): r is not needed
         xd = x.double()
         factor = self.n1 / self.d  # a power of two
         k = (self._apply(xd, transpose=True) * self.sign.to(x.device) * factor).float()

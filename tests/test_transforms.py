@@ -61,7 +61,7 @@ def test_basis_round_trip_bounds_hold_exactly(make, dtype):
     pos = torch.arange(100, 100 + t)
     x, err = tf.to_basis(k, pos)
     xhat = (x + torch.randn(x.shape, generator=gen, dtype=torch.float64) * 0.1).float()
-    k_used, delta = tf.from_basis(xhat, pos)
+    k_used, delta = tf.from_basis(xhat, pos, torch.zeros_like(x))
     for i in range(t):
         m = _matrices(tf, int(pos[i]), d)
         x_star = _solve(m, [Fraction(v) for v in k[0, 0, i].double().tolist()])
@@ -72,7 +72,7 @@ def test_basis_round_trip_bounds_hold_exactly(make, dtype):
         used = k_used[0, 0, i].tolist()
         assert all(abs(Fraction(a) - b) <= Fraction(e) for a, b, e in zip(used, exact, delta[0, 0, i].tolist()))
     # the transform is what it claims: back from the basis gives the keys to binary32 accuracy
-    back, _ = tf.from_basis(x.float(), pos)
+    back, _ = tf.from_basis(x.float(), pos, torch.zeros_like(x))
     assert torch.allclose(back.double(), k.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -97,3 +97,28 @@ def test_transforms_refuse_head_dims_they_cannot_handle():
         RoPE(7, 10000.0)
     with pytest.raises(errors.ConfigError, match="power-of-two"):
         Hadamard(96, 0)
+
+
+def test_rope_tables_agree_within_the_charged_gap():
+    """from_basis charges a one-ulp difference between two binary32 cos/sin tables; that needs torch's
+    float64 cos and sin to be faithful (within an ulp of the exact value), measured here against
+    mpmath, and two evaluations of the table (different batch shapes: vectorised and scalar paths) to
+    differ by at most TABLE_GAP."""
+    import mpmath
+
+    rope = RoPE(128, 500000.0)
+    pos = torch.arange(0, 200_000, 997)
+    j = torch.arange(64, dtype=torch.float64)
+    angle = pos.double()[:, None] * 500000.0 ** (-2.0 * j / 128)
+    mpmath.mp.prec = 120
+    for fn, mfn in ((torch.cos, mpmath.cos), (torch.sin, mpmath.sin)):
+        got = fn(angle).flatten().tolist()
+        for a, g in zip(angle.flatten().tolist()[::7], got[::7]):
+            exact = mfn(mpmath.mpf(a))
+            ulp = abs(torch.nextafter(torch.tensor(g), torch.tensor(float("inf"))).item() - g)
+            assert abs(mpmath.mpf(g) - exact) < ulp
+    whole = rope._cos_sin(pos)
+    for lo in range(0, len(pos), 37):  # odd-sized pieces: other vector/tail splits
+        part = rope._cos_sin(pos[lo : lo + 37])
+        for a, b in zip(part, whole):
+            assert float((a - b[lo : lo + 37]).abs().max()) <= RoPE.TABLE_GAP

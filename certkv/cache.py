@@ -160,6 +160,20 @@ class TieredKVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add T >= 1 tokens: k, v [B, H_kv, T, D] of one 16-bit dtype."""
         st = self._layer(layer)
+        outliers = (self.config.book_keys and self.config.key_outliers > 0) or (
+            self.config.book_values and self.config.value_outliers > 0
+        )
+        if (
+            outliers
+            and isinstance(k, torch.Tensor)
+            and k.dim() == 4
+            and k.shape[0] * self.num_kv_heads * (st.length + k.shape[2]) * self.head_dim >= 2**31
+        ):
+            # checked before anything is written: outlier positions are int32 over [B, H_kv, tokens, D]
+            raise errors.ConfigError(
+                f"layer {layer}: {st.length + k.shape[2]} tokens x batch {k.shape[0]} x {self.num_kv_heads} KV heads x "
+                f"head_dim {self.head_dim} exceed the 2^31 values a codebook policy with outliers can index"
+            )
         self._check("k", k, self.num_kv_heads, None)
         self._check("v", v, self.num_kv_heads, k.shape[2])
         if v.dtype != k.dtype or v.shape[0] != k.shape[0]:

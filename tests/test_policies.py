@@ -148,6 +148,11 @@ def test_codebook_policies_are_refused_where_unsupported():
         certkv.TieredKVCache(
             1, 2, 96, config=certkv.CertConfig(policy="rotated", key_group_size=32, value_group_size=32)
         )
+    cache = certkv.TieredKVCache(1, 1, 64, config=certkv.CertConfig(policy="kvquant"))
+    huge = torch.zeros(1, 1, 1, 64, dtype=torch.float16).expand(1, 1, 2**25, 64)  # a view: no memory
+    with pytest.raises(errors.ConfigError, match="2\\^31"):
+        cache.append(0, huge, huge)
+    assert cache.memory_report().tokens == 0  # refused before anything was written
     for bad in (dict(key_codebook="nf4"), dict(key_transform="fft"), dict(value_outliers=0.7), dict(rope_theta=0.5)):
         with pytest.raises(errors.ConfigError):
             certkv.CertConfig(**bad)

@@ -127,6 +127,10 @@ class TieredKVCache:
             for i in range(num_layers)
         ]
         self._pin = self.device.type == "cuda"
+        # the paper layout on CUDA appends through certkv.kernels.append
+        paper = (cfg.key_bits, cfg.key_group_axis, cfg.key_group_size, cfg.value_bits, cfg.value_group_axis,
+                 cfg.value_group_size) == (8, "token", 128, 4, "channel", 64)  # fmt: skip
+        self._append_kernel = self._pin and paper and not (cfg.book_keys or cfg.book_values) and head_dim % 64 == 0
         if recorder is not None:
             recorder.bind(self)
 
@@ -222,9 +226,15 @@ class TieredKVCache:
         if blocks == 0:
             return
         m = blocks * cfg.block
-        pos = torch.arange(st.n_sink + st.n_quant, st.n_sink + st.n_quant + m, device=self.device)
-        qk = self._quantize(st, "k", st.win_k[:, :, :m], pos)
-        qv = self._quantize(st, "v", st.win_v[:, :, :m], pos)
+        if self._append_kernel:
+            from certkv.kernels.append import append_block
+
+            # one launch, bit for bit the torch quantizer's output (tests/test_append_kernel.py)
+            qk, qv, _, _ = append_block(st.win_k[:, :, :m], st.win_v[:, :, :m])
+        else:
+            pos = torch.arange(st.n_sink + st.n_quant, st.n_sink + st.n_quant + m, device=self.device)
+            qk = self._quantize(st, "k", st.win_k[:, :, :m], pos)
+            qv = self._quantize(st, "v", st.win_v[:, :, :m], pos)
         st.qk = qk if st.qk is None else join(st.qk, qk)
         st.qv = qv if st.qv is None else join(st.qv, qv)
         st.win_k, st.win_v = st.win_k[:, :, m:].contiguous(), st.win_v[:, :, m:].contiguous()

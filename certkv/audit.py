@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from certkv import errors
+from certkv import errors, transforms
 from certkv.attention import dense_attention
 from certkv.certificate import Certificate
 from certkv.codebook import BookTensor, Codebook, join
-from certkv.quant import QuantizedTensor
+from certkv.quant import DEQUANT_REL, QuantizedTensor
 from certkv.reference.verify import CLAIMS, HeadCheck, HeadTask, check_head, head_tasks
 from certkv.trace import CERT_FIELDS, Entry, TraceReader, platform_tag
 
@@ -181,11 +181,27 @@ class _Replay:
             st.qk = parts[0] if st.qk is None else join(st.qk, parts[0])
             st.qv = parts[1] if st.qv is None else join(st.qv, parts[1])
             if "k_used" in e.tensors:
+                self._check_rotated_back(e, parts[0], e.tensors["k_used"])
                 st.k_used.append(e.tensors["k_used"])
             elif st.k_used:
                 raise self._bad(e, "a block without rotated-back keys after blocks with them")
             return None
         return e, *self._step(e, st)
+
+    def _check_rotated_back(self, e: Entry, keys: QuantizedTensor | BookTensor, k_used: torch.Tensor) -> None:
+        """The recorded rotated-back keys must be the codes' keys: recomputed here from the codes with
+        the trace's transform, they may differ only by what two evaluations of the transform can (twice
+        its own rounding bound, which covers a one-ulp different RoPE table)."""
+        cfg = self.reader.config
+        tf = transforms.make(cfg["key_transform"], self.reader.head_dim, cfg["rope_theta"], cfg["transform_seed"])
+        if tf is None:
+            raise self._bad(e, "rotated-back keys in a trace whose config has no key transform")
+        first = int(cfg["sinks"]) + int(e.meta["start"])  # quantized tokens follow the sinks
+        pos = torch.arange(first, first + k_used.shape[2])
+        r = keys.radius().double() + DEQUANT_REL * keys.magnitude()
+        again, delta = tf.from_basis(keys.dequantize(), pos, r)
+        if not bool(((k_used.double() - again.double()).abs() <= 2 * delta.double()).all()):
+            raise self._bad(e, "the rotated-back keys do not match the quantized codes")
 
     def _quantized(self, e: Entry, role: str, spec: list[Any]) -> QuantizedTensor | BookTensor:
         bits, axis, size = int(spec[0]), spec[1], int(spec[2])

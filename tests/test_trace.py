@@ -315,3 +315,12 @@ def test_codebook_policies_record_and_audit(tmp_path, capsys, policy):
     rewrite_chunk(bad, 0, forge)
     assert run_cli(str(bad)) == 2
     assert "outlier positions outside the block" in capsys.readouterr().err
+
+    def shift_keys(tensors):  # rotated-back keys that are not the codes' keys: caught against the codes
+        name = next(n for n in tensors if n.endswith(".k_used"))
+        tensors[name][0, 0, 0, 0] += 0.5
+
+    bad = copy_trace(path, tmp_path / "forged_keys")
+    rewrite_chunk(bad, 0, shift_keys)
+    assert run_cli(str(bad)) == 2
+    assert "rotated-back keys do not match the quantized codes" in capsys.readouterr().err

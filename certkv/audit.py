@@ -27,7 +27,7 @@ from certkv import errors, transforms
 from certkv.attention import dense_attention
 from certkv.certificate import Certificate
 from certkv.codebook import BookTensor, Codebook, join
-from certkv.quant import DEQUANT_REL, QuantizedTensor
+from certkv.quant import QuantizedTensor
 from certkv.reference.verify import CLAIMS, HeadCheck, HeadTask, check_head, head_tasks
 from certkv.trace import CERT_FIELDS, Entry, TraceReader, platform_tag
 
@@ -198,8 +198,9 @@ class _Replay:
             raise self._bad(e, "rotated-back keys in a trace whose config has no key transform")
         first = int(cfg["sinks"]) + int(e.meta["start"])  # quantized tokens follow the sinks
         pos = torch.arange(first, first + k_used.shape[2])
-        r = keys.radius().double() + DEQUANT_REL * keys.magnitude()
-        again, delta = tf.from_basis(keys.dequantize(), pos, r)
+        if not isinstance(keys, BookTensor):
+            raise self._bad(e, "rotated-back keys beside a uniform key layout")
+        again, delta = tf.from_basis(keys.dequantize(), pos, keys.dequantized_radius())
         if not bool(((k_used.double() - again.double()).abs() <= 2 * delta.double()).all()):
             raise self._bad(e, "the rotated-back keys do not match the quantized codes")
 

@@ -128,9 +128,7 @@ class TieredKVCache:
         ]
         self._pin = self.device.type == "cuda"
         # the paper layout on CUDA appends through certkv.kernels.append
-        paper = (cfg.key_bits, cfg.key_group_axis, cfg.key_group_size, cfg.value_bits, cfg.value_group_axis,
-                 cfg.value_group_size) == (8, "token", 128, 4, "channel", 64)  # fmt: skip
-        self._append_kernel = self._pin and paper and not (cfg.book_keys or cfg.book_values) and head_dim % 64 == 0
+        self._append_kernel = self._pin and cfg.paper_layout and head_dim % 64 == 0
         if recorder is not None:
             recorder.bind(self)
 
@@ -267,8 +265,8 @@ class TieredKVCache:
         if self.transform is None:
             return st.qk.dequantize(), st.qk.radius(), st.qk.magnitude(), None
         pos = torch.arange(st.n_sink, st.n_sink + st.n_quant, device=self.device)
-        # |x_hat32 - x*| <= radius (exact dequantized vs original) + the binary32 dequantization error
-        r = st.qk.radius().double() + DEQUANT_REL * st.qk.magnitude()
+        assert isinstance(st.qk, BookTensor)  # a key transform implies the codebook quantizer
+        r = st.qk.dequantized_radius()
         k_used, delta = self.transform.from_basis(st.qk.dequantize(), pos, r)
         return k_used, delta, k_used.double().abs(), self.transform.pair(r)
 

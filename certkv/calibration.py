@@ -28,8 +28,18 @@ from typing import Any
 import torch
 
 from certkv import errors, transforms
-from certkv.codebook import Codebook, gaussian_lloyd_max, lloyd_max, outlier_mask, uniform
+from certkv.codebook import (
+    Codebook,
+    gaussian_lloyd_max,
+    grouped,
+    inlier_range,
+    lloyd_max,
+    outlier_mask,
+    ungrouped,
+    uniform,
+)
 from certkv.config import CertConfig
+from certkv.policies import KEY_FIELDS, VALUE_FIELDS
 
 FORMAT = "certkv-calibration"
 VERSION = 1
@@ -107,17 +117,8 @@ def _book(kind: str, bits: int, table: torch.Tensor | None, layer: int) -> Codeb
 
 
 def _fingerprint(cfg: CertConfig) -> dict[str, Any]:
-    fields: tuple[str, ...] = (
-        "key_bits",
-        "key_group_axis",
-        "key_group_size",
-        "key_codebook",
-        "key_transform",
-        "key_outliers",
-    )
-    fields += ("value_bits", "value_group_axis", "value_group_size", "value_codebook", "value_outliers")
-    fields += ("rope_theta", "transform_seed")
-    return {f: getattr(cfg, f) for f in fields}
+    """The fields a calibration depends on: the key and value layouts and the key basis."""
+    return {f: getattr(cfg, f) for f in (*KEY_FIELDS, *VALUE_FIELDS, "rope_theta", "transform_seed")}
 
 
 def model_rope_theta(config: Any) -> float | None:
@@ -159,23 +160,14 @@ def from_model(
 
 
 def _normalised(x: torch.Tensor, inlier: torch.Tensor, axis: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inliers t in [0, 1] by their group's min and max, and a mask of the ones to use, [B, H, T', D]."""
-    b, h, t, d = x.shape
-    if axis == "token":
-        t = t - t % g
-        x, inlier = x[:, :, :t], inlier[:, :, :t]
-        xg, ig = x.reshape(b, h, t // g, g, d), inlier.reshape(b, h, t // g, g, d)
-        dim = 3
-    else:
-        xg, ig = x.reshape(b, h, t, d // g, g), inlier.reshape(b, h, t, d // g, g)
-        dim = 4
-    big = torch.finfo(torch.float64).max
-    mn = torch.where(ig, xg, big).amin(dim, keepdim=True)
-    mx = torch.where(ig, xg, -big).amax(dim, keepdim=True)
+    """Inliers t in [0, 1] by their group's min and max, and a mask of the ones to use, [B, H, T, D]
+    (T a whole number of token groups)."""
+    xg, ig = grouped(x, axis, g), grouped(inlier, axis, g)
+    mn, mx = (m.unsqueeze(-1) for m in inlier_range(xg, ig))
     span = mx - mn
     use = ig & (span > 0)
     tt = torch.where(use, (xg - mn) / torch.where(span > 0, span, 1.0), 0.0)
-    return tt.reshape(b, h, t, d), use.reshape(b, h, t, d)
+    return ungrouped(tt, axis), ungrouped(use, axis)
 
 
 def _thresholds(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -225,19 +217,18 @@ def calibrate(
             ("v", vx, vw, cfg.value_codebook, cfg.value_bits, cfg.value_group_axis, cfg.value_group_size,
              cfg.value_outliers),
         ):  # fmt: skip
-            inlier = torch.ones_like(data, dtype=torch.bool)
-            if frac > 0 and role == "k":
-                th = _thresholds(data, frac)
+            # keys: calibrated thresholds (over every token); values: the serving rule, each group's
+            # farthest share from its median
+            th = _thresholds(data, frac) if frac > 0 and role == "k" else None
+            if th is not None:
                 bounds.append(th)
-                inlier = (data >= th[0][None, :, None].double()) & (data <= th[1][None, :, None].double())
-            elif frac > 0:  # the serving rule: each group's farthest share from its median
-                whole = data.shape[2] - data.shape[2] % size if axis == "token" else data.shape[2]
+            if axis == "token":  # whole token groups only
+                whole = data.shape[2] - data.shape[2] % size
                 data, weight = data[:, :, :whole], weight[:, :, :whole]
-                inlier = ~outlier_mask(data, axis, size, frac, None)
+            inlier = ~outlier_mask(data, axis, size, frac, None if th is None else (th[0], th[1]))
             if kind != "uniform":
                 tt, use = _normalised(data, inlier, axis, size)
-                w = weight[:, :, : tt.shape[2]]
-                levels[role].append(lloyd_max(tt[use], w[use], bits, seed=seed + 1000 * layer).levels)
+                levels[role].append(lloyd_max(tt[use], weight[use], bits, seed=seed + 1000 * layer).levels)
     meta = _fingerprint(cfg) | {"layers": len(ks), "kv_heads": hkv, "head_dim": d}
     meta |= {"seed": seed, "source": source, "sequences": int(ks[0].shape[0]), "tokens": int(t)}
     return Calibration(

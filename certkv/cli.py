@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -24,9 +25,19 @@ import certkv
 from certkv import errors
 from certkv.certificate import STAGE_NAMES
 
+if TYPE_CHECKING:
+    import torch
+
 DATA = Path(__file__).parent / "data"
 DEFAULT_TRACE = DATA / "trace"
 SHOWN_VIOLATIONS = 10
+
+
+def _model_dtype(name: str) -> torch.dtype | None:
+    """``--dtype`` of record and calibrate: None (the checkpoint's own) for "auto", else the torch dtype."""
+    import torch
+
+    return {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -98,7 +109,6 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    import torch
 
     from certkv.record import record
     from certkv.trace import TraceSample
@@ -110,7 +120,7 @@ def _record(args: argparse.Namespace) -> int:
         kv_heads=tuple(args.kv_heads) if args.kv_heads else None,
         every=args.every,
     )
-    dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = _model_dtype(args.dtype)
     try:
         summary = record(
             args.model, Path(args.text).read_text(encoding="utf-8"), args.out, args.max_new_tokens,
@@ -176,13 +186,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import torch
 
     from certkv.calibration import from_model
     from certkv.capture import load_model
     from certkv.codec import TextCodec
 
-    dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = _model_dtype(args.dtype)
     model = load_model(args.model, dtype=dtype).to(args.device)
     cfg = certkv.CertConfig(policy=args.policy)
     if not (cfg.book_keys or cfg.book_values):

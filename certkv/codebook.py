@@ -23,14 +23,13 @@ clamp to [0, 1] only brings t closer to (x - z)/s, so |clamp(t) - t*| <= 2^-20 =
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from certkv import errors
-from certkv.quant import QuantizedTensor, _round_up_to, pack, unpack
+from certkv.quant import DEQUANT_REL, QuantizedTensor, expand_groups, pack, round_to, slice_groups, unpack
 from certkv.rounding import U64
 
 BOOK_SLACK = 2.0**-20
@@ -167,7 +166,7 @@ class BookTensor:
         return int(self.codes.shape[2])
 
     def _expand(self, g: torch.Tensor) -> torch.Tensor:
-        return g.repeat_interleave(self.group_size, dim=2 if self.axis == "token" else 3)
+        return expand_groups(g, self.axis, self.group_size)
 
     def _code_index(self) -> torch.Tensor:
         return unpack(self.codes, self.bits).long()
@@ -190,6 +189,11 @@ class BookTensor:
         r = up32(w * self._expand(self.scale).double())
         r[self._outliers()] = self.o_radius.float()
         return r
+
+    def dequantized_radius(self) -> torch.Tensor:
+        """float64 bound on |binary32 dequantized - x*| per element: the radius plus the binary32
+        dequantization error (what a key transform carries back to the original basis)."""
+        return self.radius().double() + DEQUANT_REL * self.magnitude()
 
     def magnitude(self) -> torch.Tensor:
         """float64 >= |b_c * s| + |z| (outliers: |value|) per element: bounds the exact and binary32
@@ -217,32 +221,18 @@ class BookTensor:
     def slice(self, heads: torch.Tensor | None, start: int, end: int) -> BookTensor:
         """Tokens [start, end) of the heads ``heads`` (all if None), outliers included; with token-axis
         groups, start and end must fall on group boundaries."""
-        g = self.group_size if self.axis == "token" else 1
-        if start % g or end % g:
-            raise ValueError(f"token slice [{start}, {end}) does not fall on groups of {g}")
-        b, h, _, d = self.codes.shape[0], self.codes.shape[1], self.num_tokens, self.head_dim
+        parts = slice_groups((self.codes, self.scale, self.zero), self.axis, self.group_size, heads, start, end)
+        b, h, d = self.codes.shape[0], self.codes.shape[1], self.head_dim
         sel = torch.arange(h, device=self.codes.device) if heads is None else heads.to(self.codes.device)
         ob, oh, ot, od = self._outliers()
         new_h = torch.full((h,), -1, dtype=torch.long, device=self.codes.device)
         new_h[sel] = torch.arange(len(sel), device=self.codes.device)
         keep = (new_h[oh] >= 0) & (ot >= start) & (ot < end)
         flat = _ravel((ob[keep], new_h[oh[keep]], ot[keep] - start, od[keep]), (b, len(sel), end - start, d))
-
-        def part(t: torch.Tensor, a: int, z: int) -> torch.Tensor:
-            return t[:, sel, a:z].contiguous()
-
         return BookTensor(
-            part(self.codes, start, end),
-            part(self.scale, start // g, end // g),
-            part(self.zero, start // g, end // g),
-            self.book,
-            self.axis,
-            self.group_size,
-            d,
-            flat.to(torch.int32),
-            self.o_value[keep],
+            *parts, self.book, self.axis, self.group_size, d, flat.to(torch.int32), self.o_value[keep],
             self.o_radius[keep],
-        )
+        )  # fmt: skip
 
     def cat(self, other: BookTensor) -> BookTensor:
         """Concatenate along tokens (same layout and codebook)."""
@@ -273,7 +263,7 @@ def join(a: QuantizedTensor | BookTensor, b: QuantizedTensor | BookTensor) -> Qu
     raise ValueError(f"cannot join {type(a).__name__} and {type(b).__name__}: a layer keeps one quantizer")
 
 
-def _grouped(x: torch.Tensor, axis: str, g: int) -> torch.Tensor:
+def grouped(x: torch.Tensor, axis: str, g: int) -> torch.Tensor:
     """[B, H, T, D] -> [B, H, T/g, D, g] (token groups) or [B, H, T, D/g, g] (channel groups)."""
     b, h, t, d = x.shape
     if axis == "token":
@@ -281,11 +271,22 @@ def _grouped(x: torch.Tensor, axis: str, g: int) -> torch.Tensor:
     return x.reshape(b, h, t, d // g, g)
 
 
-def _ungrouped(xg: torch.Tensor, axis: str) -> torch.Tensor:
+def ungrouped(xg: torch.Tensor, axis: str) -> torch.Tensor:
+    """Inverse of ``grouped``."""
     b, h, a, c, g = xg.shape
     if axis == "token":
         return xg.transpose(3, 4).reshape(b, h, a * g, c)
     return xg.reshape(b, h, a, c * g)
+
+
+def inlier_range(xg: torch.Tensor, inlier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of the inliers of each group (last axis of ``grouped`` tensors); 0, 0 for a group
+    without inliers."""
+    big = torch.finfo(xg.dtype).max
+    mn = torch.where(inlier, xg, big).amin(-1)
+    mx = torch.where(inlier, xg, -big).amax(-1)
+    empty = ~inlier.any(-1)
+    return torch.where(empty, 0.0, mn), torch.where(empty, 0.0, mx)
 
 
 def outlier_mask(
@@ -301,11 +302,11 @@ def outlier_mask(
     count = min(max(1, round(fraction * group_size)), group_size - 1)  # a group keeps one inlier
     if count == 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    xg = _grouped(x, axis, group_size)
+    xg = grouped(x, axis, group_size)
     dist = (xg - xg.median(-1, keepdim=True).values).abs()
     top = dist.topk(count, dim=-1).indices
     mask = torch.zeros_like(xg, dtype=torch.bool).scatter_(-1, top, True)
-    return _ungrouped(mask, axis)
+    return ungrouped(mask, axis)
 
 
 def quantize_book(
@@ -320,24 +321,20 @@ def quantize_book(
     """Quantize float64 x [B, H, T, D] (each within ``x_err`` of the exact original); scales, zero
     points and outlier values are stored in ``dtype``; ``outliers`` marks the elements kept exactly."""
     b, h, t, d = x.shape
-    xg, eg, og = (_grouped(a, axis, group_size) for a in (x, x_err, outliers))
+    xg, eg, og = (grouped(a, axis, group_size) for a in (x, x_err, outliers))
     inl = ~og
-    big = torch.finfo(torch.float64).max
-    mn = torch.where(inl, xg, big).amin(-1)
-    mx = torch.where(inl, xg, -big).amax(-1)
-    empty = ~inl.any(-1)
-    mn, mx = torch.where(empty, 0.0, mn), torch.where(empty, 0.0, mx)
-    zero = _round_down_to(mn, dtype)
+    mn, mx = inlier_range(xg, inl)
+    zero = round_to(mn, dtype, up=False)
     z64 = zero.double()
     need = (mx - z64) * (1.0 + 2.0**-50)
     ax = torch.where(inl, xg.abs(), 0.0).amax(-1)
     floor = SCALE_FLOOR * (torch.where(inl, eg, 0.0).amax(-1) + 2.01 * U64 * (ax + z64.abs())) * (1 + 2.0**-40)
-    scale = _round_up_to(torch.maximum(need, floor), dtype)
+    scale = round_to(torch.maximum(need, floor), dtype, up=True)
     if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(zero).all())):
         raise errors.NonFiniteError(f"values exceed the range of {dtype} in the quantization basis")
     s64 = scale.double().unsqueeze(-1)
     tt = torch.where(s64 > 0, (xg - z64.unsqueeze(-1)) / torch.where(s64 > 0, s64, 1.0), 0.0)
-    codes = _ungrouped(book.encode(tt), axis)
+    codes = ungrouped(book.encode(tt), axis)
     if b * h * t * d >= 2**31:
         raise errors.ConfigError(f"a block of {b}x{h}x{t}x{d} values is too large for int32 outlier positions")
     flat = outliers.flatten().nonzero().flatten().to(torch.int32)
@@ -346,7 +343,7 @@ def quantize_book(
     if not bool(torch.isfinite(value).all()):
         raise errors.NonFiniteError(f"an outlier exceeds the range of {dtype}")
     # |value - x| is exact in float64 (the error of rounding x to a shorter format)
-    radius = _round_up_to(((value.double() - ox).abs() + x_err[outliers]) * (1.0 + 2.0**-50), dtype)
+    radius = round_to(((value.double() - ox).abs() + x_err[outliers]) * (1.0 + 2.0**-50), dtype, up=True)
     return BookTensor(
         pack(codes.to(torch.uint8), book.bits),
         scale,
@@ -359,15 +356,6 @@ def quantize_book(
         value,
         radius,
     )
-
-
-def _round_down_to(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Largest value of ``dtype`` <= x64 (float64)."""
-    y = x64.to(dtype)
-    high = y.double() > x64
-    if bool(high.any()):
-        y = torch.where(high, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
-    return y
 
 
 def _unravel(flat: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:

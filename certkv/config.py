@@ -142,6 +142,14 @@ class CertConfig:
         return self.value_codebook != "uniform" or self.value_outliers > 0
 
     @property
+    def paper_layout(self) -> bool:
+        """The paper's Tier-1 layout (the defaults: INT8 keys per channel in token groups of 128, INT4
+        values per token in channel groups of 64, uniform codebooks): what the Triton kernels implement."""
+        keys = (self.key_bits, self.key_group_axis, self.key_group_size) == (8, "token", 128)
+        values = (self.value_bits, self.value_group_axis, self.value_group_size) == (4, "channel", 64)
+        return keys and values and not (self.book_keys or self.book_values)
+
+    @property
     def block(self) -> int:
         """Tokens moved from the FP16 window into quantized storage at a time: the least common
         multiple of the token-axis group sizes, so a token group is always complete when quantized."""

@@ -17,6 +17,7 @@ to nearest and clamping to [0, L] move the code at most 1/2 + QUANT_SLACK from t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,13 +54,41 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def _round_up_to(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Smallest value of ``dtype`` >= x64 (x64 >= 0, float64)."""
+def round_to(x64: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """The value of ``dtype`` nearest to float64 x64 on one side: the smallest >= x64 (``up``) or the
+    largest <= x64."""
     y = x64.to(dtype)
-    low = y.double() < x64
-    if bool(low.any()):
-        y = torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    off = y.double() < x64 if up else y.double() > x64
+    if bool(off.any()):
+        y = torch.where(off, torch.nextafter(y, torch.full_like(y, math.inf if up else -math.inf)), y)
     return y
+
+
+def expand_groups(g: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
+    """Broadcast a per-group tensor ([B, H, T/G, D] or [B, H, T, D/G]) to [B, H, T, D]."""
+    return g.repeat_interleave(group_size, dim=2 if axis == "token" else 3)
+
+
+def slice_groups(
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    axis: str,
+    group_size: int,
+    heads: torch.Tensor | None,
+    start: int,
+    end: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) of tokens [start, end) and the KV heads ``heads`` (all if None); with
+    token-axis groups, start and end must fall on group boundaries (the cache quantizes whole blocks)."""
+    g = group_size if axis == "token" else 1
+    if start % g or end % g:
+        raise ValueError(f"token slice [{start}, {end}) does not fall on groups of {g}")
+    sel = slice(None) if heads is None else heads
+    codes, scale, zero = parts
+    return (
+        codes[:, sel, start:end].contiguous(),
+        scale[:, sel, start // g : end // g].contiguous(),
+        zero[:, sel, start // g : end // g].contiguous(),
+    )
 
 
 @dataclass
@@ -85,10 +114,7 @@ class QuantizedTensor:
         return int(self.codes.shape[2])
 
     def _expand(self, g: torch.Tensor) -> torch.Tensor:
-        """Broadcast a per-group tensor to [B, H, T, D]."""
-        if self.axis == "token":
-            return g.repeat_interleave(self.group_size, dim=2)
-        return g.repeat_interleave(self.group_size, dim=3)
+        return expand_groups(g, self.axis, self.group_size)
 
     def unpacked_codes(self) -> torch.Tensor:
         return unpack(self.codes, self.bits)
@@ -129,25 +155,9 @@ class QuantizedTensor:
         )
 
     def slice(self, heads: torch.Tensor | None, start: int, end: int) -> QuantizedTensor:
-        """Tokens [start, end) of the KV heads ``heads`` (all if None); with token-axis groups,
-        start and end must fall on group boundaries (the cache only quantizes whole blocks)."""
-        g = self.group_size if self.axis == "token" else 1
-        if start % g or end % g:
-            raise ValueError(f"token slice [{start}, {end}) does not fall on groups of {g}")
-        sel = slice(None) if heads is None else heads
-
-        def part(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            return t[:, sel, a:b].contiguous()
-
-        return QuantizedTensor(
-            part(self.codes, start, end),
-            part(self.scale, start // g, end // g),
-            part(self.zero, start // g, end // g),
-            self.bits,
-            self.axis,
-            self.group_size,
-            self.head_dim,
-        )
+        """Tokens [start, end) of the KV heads ``heads`` (all if None); see ``slice_groups``."""
+        parts = slice_groups((self.codes, self.scale, self.zero), self.axis, self.group_size, heads, start, end)
+        return QuantizedTensor(*parts, self.bits, self.axis, self.group_size, self.head_dim)
 
 
 def quantize(x: torch.Tensor, bits: int, axis: Literal["token", "channel"], group_size: int) -> QuantizedTensor:
@@ -165,7 +175,7 @@ def quantize(x: torch.Tensor, bits: int, axis: Literal["token", "channel"], grou
     zero = mn.to(x.dtype)  # exact: mn is a value of x
     # L*s >= mx - z must hold exactly; the float64 difference is within 2^-53 relative of it.
     need = (mx - zero.double()) * (1.0 + 2.0**-50) / levels
-    scale = _round_up_to(need, x.dtype)
+    scale = round_to(need, x.dtype, up=True)
     qt = QuantizedTensor(torch.empty(0), scale, zero, bits, axis, group_size, d)
     s32, z32 = qt._expand(scale).float(), qt._expand(zero).float()
     t32 = torch.where(s32 > 0, (x.float() - z32) / torch.where(s32 > 0, s32, torch.ones_like(s32)), 0.0)

@@ -26,7 +26,7 @@ VALUE_GROUP = 64
 
 @triton.jit
 def _scale_up(mx, mn, LEVELS: tl.constexpr, DT: tl.constexpr, UT: tl.constexpr):
-    """The smallest-found 16-bit scale with LEVELS * scale >= max - min, as ``quant._round_up_to``."""
+    """The smallest-found 16-bit scale with LEVELS * scale >= max - min, as ``quant.round_to(..., up=True)``."""
     need = (mx.to(tl.float64) - mn.to(tl.float64)) * (1.0 + 2.0**-50) / LEVELS
     y = need.to(tl.float32).to(DT)
     low = y.to(tl.float64) < need

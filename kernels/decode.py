@@ -288,9 +288,7 @@ def from_cache(cache: object, layer: int) -> Tier1:
     assert isinstance(cache, TieredKVCache)
     st = cache._layers[layer]
     cfg = cache.config
-    if (cfg.key_bits, cfg.key_group_axis, cfg.key_group_size, cfg.value_bits, cfg.value_group_axis,
-            cfg.value_group_size) != (8, "token", KEY_GROUP, 4, "channel", VALUE_GROUP) or cfg.book_keys \
-            or cfg.book_values:  # fmt: skip
+    if not cfg.paper_layout:
         raise ValueError("the decode kernel implements the paper layout (CertConfig() defaults) only")
     if st.promoted:
         raise ValueError("promoted tokens are not handled by the decode kernel yet")

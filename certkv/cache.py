@@ -21,7 +21,7 @@ from certkv.calibration import Calibration, default_books
 from certkv.certificate import AttentionResult, Certificate
 from certkv.codebook import BookTensor, Codebook, join, outlier_mask, quantize_book
 from certkv.config import CertConfig
-from certkv.ladder import serve
+from certkv.ladder import LadderOutcome, accepts, serve, tolerance
 from certkv.quant import DEQUANT_REL, QuantizedTensor, quantize
 
 if TYPE_CHECKING:
@@ -414,15 +414,16 @@ class TieredKVCache:
             raise errors.ConfigError(f"scale={scale!r}: must be a finite positive number")
         g = hq // self.num_kv_heads
         qg = q.reshape(b, self.num_kv_heads, g, d)
-        tokens = self.tokens(layer)
-        outcome = serve(
-            qg,
-            tokens,
-            float(scale),
-            self.config,
-            lambda bi, hi, ti: self._fetch_rows(st, bi, hi, ti),
-            lambda bi, hi: self._fetch_dense(st, bi, hi),
-        )
+        outcome = self._kernel_stage0(layer, st, qg, float(scale))
+        if outcome is None:
+            outcome = serve(
+                qg,
+                self.tokens(layer),
+                float(scale),
+                self.config,
+                lambda bi, hi, ti: self._fetch_rows(st, bi, hi, ti),
+                lambda bi, hi: self._fetch_dense(st, bi, hi),
+            )
         output = outcome.output.reshape(b, hq, 1, d)
         cert = Certificate(**{k: v.reshape(b, hq, 1) for k, v in outcome.certificate.to_dict().items()})
         result = AttentionResult(output, cert, outcome.rows_stage1, outcome.rows_stage2)
@@ -436,6 +437,26 @@ class TieredKVCache:
         if self.config.strict:
             _raise_if_rejected(layer, cert)
         return result
+
+    def _kernel_stage0(self, layer: int, st: _Layer, qg: torch.Tensor, scale: float) -> LadderOutcome | None:
+        """Stage 0 from the fused decode kernel (``CertConfig.decode_kernel``) when it applies and
+        certifies every head; None sends the step to the torch ladder."""
+        cfg = self.config
+        if cfg.decode_kernel == "never" or (cfg.decode_kernel == "auto" and self.device.type != "cuda"):
+            return None
+        usable = cfg.paper_layout and self.transform is None and self.head_dim % 64 == 0
+        if not usable or st.promoted or self.recorder is not None or st.qk is None or st.v_min is None:
+            return None
+        from certkv.kernels.decode import from_cache
+        from certkv.streaming import kernel_step
+
+        out, cert = kernel_step(qg, from_cache(self, layer), scale, st.v_min, st.v_max)  # type: ignore[arg-type]
+        cert.tolerance = tolerance(cfg, out)
+        cert.accepted = accepts(cfg, cert, cert.tolerance)
+        if not bool(cert.accepted.all()):
+            return None
+        none = torch.zeros(qg.shape[0], self.num_kv_heads, st.length, dtype=torch.bool, device=qg.device)
+        return LadderOutcome(out, cert, none, none.clone())
 
     def _fetch_rows(
         self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor

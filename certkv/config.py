@@ -12,6 +12,7 @@ from certkv.errors import ConfigError
 GroupAxis = Literal["token", "channel"]
 CodebookKind = Literal["uniform", "nuq", "lloyd-max"]
 KeyTransformKind = Literal["none", "rope", "hadamard"]
+DecodeKernelMode = Literal["auto", "never", "always"]
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -52,6 +53,11 @@ class CertConfig:
     is cheaper). Tokens fetched ``promote_after`` times are promoted to FP16 in Tier-1, at most
     ``promote_budget`` tokens per (batch row, KV head, layer).
 
+    ``decode_kernel``: serve stage 0 with the fused Triton kernel and its streamed certificate
+    (``certkv.streaming``) where it applies: the paper layout, no promoted tokens, no trace recorder.
+    "auto" on CUDA, "always" also on the CPU (Triton's interpreter: for tests), "never" the torch
+    path only. A step the kernel does not certify for every head is re-served by the torch ladder,
+    whose stage 0 bounds are tighter (per-token forms).
     ``strict``: raise ``CertificationError`` when the served bound exceeds tolerance.
     ``self_check``: recompute every step in float64 from Tier-2 and raise if a bound is violated
     (a debugging aid: it reads the originals, which certification never does).
@@ -85,6 +91,7 @@ class CertConfig:
     promote_budget: int = 256
     strict: bool = False
     self_check: bool = False
+    decode_kernel: DecodeKernelMode = "auto"
     policy: str | None = None
 
     def __post_init__(self) -> None:
@@ -129,6 +136,8 @@ class CertConfig:
                 raise ConfigError(f"{name}={value!r}: must be a finite non-negative number")
         if self.max_stage not in (0, 1, 2, 3):
             raise ConfigError(f"max_stage={self.max_stage!r}: must be 0, 1, 2 or 3")
+        if self.decode_kernel not in ("auto", "never", "always"):
+            raise ConfigError(f"decode_kernel={self.decode_kernel!r}: must be 'auto', 'never' or 'always'")
         if not 0.0 < self.fetch_fraction <= 1.0:
             raise ConfigError(f"fetch_fraction={self.fetch_fraction!r}: must be in (0, 1]")
 

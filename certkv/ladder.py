@@ -37,11 +37,11 @@ class LadderOutcome:
     rows_stage2: torch.Tensor  # bool [B, Hkv, n]: tokens whose FP16 keys and values stage 2 added
 
 
-def _tolerance(cfg: CertConfig, out: torch.Tensor) -> torch.Tensor:
+def tolerance(cfg: CertConfig, out: torch.Tensor) -> torch.Tensor:
     return cfg.out_tol + cfg.out_rtol * out.double().abs().amax(-1)
 
 
-def _accepts(cfg: CertConfig, cert: Certificate, tol: torch.Tensor) -> torch.Tensor:
+def accepts(cfg: CertConfig, cert: Certificate, tol: torch.Tensor) -> torch.Tensor:
     return (cert.tv_bound <= cfg.tv_tol) & (cert.output_bound <= tol)
 
 
@@ -71,8 +71,8 @@ def serve(
     out, cert, detail = certified_step(q, tokens, scale, q.dtype)
     out_dtype = out.dtype
     n = tokens.k.shape[2]
-    tol = _tolerance(cfg, out)
-    cert.tolerance, cert.accepted = tol, _accepts(cfg, cert, tol)
+    tol = tolerance(cfg, out)
+    cert.tolerance, cert.accepted = tol, accepts(cfg, cert, tol)
     rows = {1: torch.zeros(tokens.k.shape[:3], dtype=torch.bool, device=tokens.k.device)}
     rows[2] = torch.zeros_like(rows[1])
     cap = max(1, math.ceil(cfg.fetch_fraction * n))
@@ -99,8 +99,8 @@ def serve(
         rows[stage] = chosen
         out_s, cert_s, detail_s = certified_step(q, current, scale, out_dtype)
         cert_s.stage = torch.full_like(cert.stage, stage)
-        cert_s.tolerance = _tolerance(cfg, out_s)
-        cert_s.accepted = _accepts(cfg, cert_s, cert_s.tolerance)
+        cert_s.tolerance = tolerance(cfg, out_s)
+        cert_s.accepted = accepts(cfg, cert_s, cert_s.tolerance)
         # a failing head takes this stage if it is accepted here, or if it is the last stage allowed
         take = failing & (cert_s.accepted | (stage == cfg.max_stage))
         out = torch.where(take[..., None], out_s, out)
@@ -117,8 +117,8 @@ def serve(
         for name, value in cert_d.to_dict().items():
             getattr(dense_cert, name)[pairs] = value[:, 0]
         dense_cert.stage[pairs] = 3
-        dense_cert.tolerance = _tolerance(cfg, full_out)
-        dense_cert.accepted = _accepts(cfg, dense_cert, dense_cert.tolerance)
+        dense_cert.tolerance = tolerance(cfg, full_out)
+        dense_cert.accepted = accepts(cfg, dense_cert, dense_cert.tolerance)
         out = torch.where(failing[..., None], full_out, out)
         cert = cert.where(failing, dense_cert)
     n1, n2 = rows[1].sum(-1, keepdim=True), rows[2].sum(-1, keepdim=True)

@@ -21,6 +21,11 @@ U32 = 2.0**-24
 U64 = 2.0**-53
 EXP_REL = 2.0**-20  # 16 ulp of binary32; the library exps measured are within ~1-2 ulp
 EXP_ABS = 2.0**-126  # the smallest normal binary32: covers subnormal results and flush-to-zero
+# Accumulation in tl.dot (tensor cores, and the FMA path): every addition is taken to err by at most
+# TC_U relative to the magnitudes summed, 8x binary32's unit. Tensor cores align a block's products to
+# its largest exponent and truncate (Fasi et al. 2021): up to ~2^-22 per term; an assumption about the
+# hardware, measured on the GPU by tests/test_cuda.py with cancelling sums.
+TC_U = 2.0**-21
 # Radius slack of the quantizer beyond half a step: covers the binary32 evaluation of (x - z) / s
 # (two roundings, each of relative size u, on a quotient of magnitude <= 2^8) with a 16x margin.
 QUANT_SLACK = 2.0**-12

@@ -95,11 +95,13 @@ def _relaxed(problem: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.minimum(torch.minimum(bounds[0], bounds[1]), bounds[2]).amax(-1)
 
 
-def tv_bound(mass: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+def tv_bound(mass: torch.Tensor, radius: torch.Tensor, divisible: bool = False) -> torch.Tensor:
     """Upper bound on sup TV(p, pi) over p proportional to pi * e^delta, |delta_i| <= radius_i.
 
     mass: [N, n] float64 >= 0 (pi up to a common factor; rows with zero mass give 0);
-    radius: [N, n] float64 >= 0. Returns float64 [N] in [0, 1].
+    radius: [N, n] float64 >= 0. Returns float64 [N] in [0, 1]. ``divisible``: each entry is the mass
+    of a group of tokens whose radii are at most radius_i, any part of which may move apart (no entry
+    keeps 0/1 membership): the bound then holds for every token of every group.
     """
     mass = mass.to(torch.float64)
     radius = radius.to(torch.float64)
@@ -116,7 +118,7 @@ def tv_bound(mass: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     m = m / m.sum(-1, keepdim=True)
     rows, dev = m.shape[0], m.device
     # the HEAVY largest masses keep 0/1 membership (2^HEAVY cases); the rest are binned and relaxed
-    k_heavy = min(HEAVY, n)
+    k_heavy = 0 if divisible else min(HEAVY, n)
     h_mass, h_idx = torch.topk(m, k_heavy, dim=-1)
     h_rad = torch.gather(r, -1, h_idx)
     light = m.scatter(-1, h_idx, 0.0)

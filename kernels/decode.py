@@ -10,11 +10,12 @@ q.k runs on the integer codes, and the value scales into the weights, measured s
 docs/benchmarks.md.) Each program leaves an online-softmax
 partial (running max m, sum l, weighted sum acc, binary32, log2 units); ``combine`` merges them.
 
-Status: this computes the stage-0 *output* only. It is not yet used to serve certified steps: the
-certificate of a step served by this kernel needs its own fused statistics (per-group masses and
-radii, p-weighted value radii) and a rounding analysis of the split-K arithmetic (issue 4), so
-certkv keeps serving through ``certkv.attention`` until those land. The kernel is measured against
-PyTorch SDPA in ``benchmarks/decode_bench.py`` and checked against ``decode_reference`` here.
+With ``cert=True`` the same pass also stores, per block of tokens, the binary32 sum of its weights
+and the frame they were computed in, and counts each split's rescales: all ``certkv.streaming``
+needs besides the scales it reads itself to certify the step (docs/theory.md section 8). The cache
+serves stage 0 through it on CUDA (``CertConfig.decode_kernel``). ``decode_reference`` and
+``partials_reference`` are the float64 torch references the tests hold the kernel to; the kernel is
+measured against PyTorch SDPA in ``benchmarks/decode_bench.py`` and ``benchmarks/certified_decode.py``.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ def _mma(a, b, PRECISION: tl.constexpr):
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, wk_ptr, wv_ptr,
     m_ptr, l_ptr, acc_ptr,
-    n_quant, n_sink, n_win, chunk, qk_scale,
+    bmass_ptr, bframe_ptr, resc_ptr,
+    n_quant, n_sink, n_win, chunk, qk_scale, n_blocks,
     SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr,
+    PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr, CERT: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -134,6 +136,9 @@ def _decode_kernel(
     acc = tl.zeros((GP, D), tl.float32)
     acc_lo = tl.zeros((GP, D // 2), tl.float32)  # SPLIT_V: even and odd channels
     acc_hi = tl.zeros((GP, D // 2), tl.float32)
+    # CERT (docs/theory.md section 8): each block's weight sum and frame are stored; the running sums'
+    # rescales are counted
+    resc = tl.zeros((GP,), tl.int32)
     DT: tl.constexpr = tl.float16 if DEQ16 else tl.float32
     if split < SPLITS:
         kc = kc_ptr + bh * n_quant * D
@@ -148,9 +153,11 @@ def _decode_kernel(
             k = _dequant_keys(kc, ks, kz, n0, rows, d, D, DT)
             t = _mma(q, tl.trans(k), PRECISION) * qk_scale
             m_new = tl.maximum(m, tl.max(t, 1))
-            alpha = tl.exp2(m - m_new)
+            # alpha is exactly 1 unless the maximum moved: the certificate counts the rescales
+            alpha = tl.where(m_new > m, tl.exp2(m - m_new), 1.0)
             p = tl.exp2(t - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, 1)
+            block_sum = tl.sum(p, 1)
+            l_sum = l_sum * alpha + block_sum
             byte, v_s, v_z = _value_bytes(vc, vs, vz, n0, rows, D, DT)
             if SPLIT_V:
                 # channel 2i (low nibble) and 2i + 1 (high) both lie in scale group i // 32: two
@@ -164,8 +171,14 @@ def _decode_kernel(
                 code = _to_float(tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)), DT)
                 v = _dequant_nibbles(code, v_s, v_z, BLOCK_N, D, D // 64)
                 acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
+            if CERT:
+                at = (bh * n_blocks + n0 // BLOCK_N) * GP + gi
+                tl.store(bmass_ptr + at, block_sum)
+                tl.store(bframe_ptr + at, m_new)
+                resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
             m = m_new
     else:
+        first = n_quant // BLOCK_N
         for seg in tl.static_range(2):
             if seg == 0:
                 kp = sk_ptr + bh * n_sink * D
@@ -185,11 +198,19 @@ def _decode_kernel(
                 m_new = tl.maximum(m, tl.max(t, 1))
                 # a row that has seen no token yet keeps m = -inf: exp2(-inf - -inf) would be NaN
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
+                alpha = tl.where(m_new > m, tl.exp2(m - m_safe), 1.0)
                 p = tl.exp2(t - m_safe[:, None])
-                l_sum = l_sum * alpha + tl.sum(p, 1)
+                block_sum = tl.sum(p, 1)
+                l_sum = l_sum * alpha + block_sum
                 acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
+                if CERT:
+                    at = (bh * n_blocks + first + n0 // BLOCK_N) * GP + gi
+                    tl.store(bmass_ptr + at, block_sum)
+                    tl.store(bframe_ptr + at, m_safe)
+                    resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
                 m = m_new
+            if seg == 0:
+                first += (n_sink + BLOCK_N - 1) // BLOCK_N
     out = bh * (SPLITS + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
@@ -200,6 +221,8 @@ def _decode_kernel(
         tl.store(base + 2 * half[None, :] + 1, acc_hi)
     else:
         tl.store(base + d[None, :], acc)
+    if CERT:
+        tl.store(resc_ptr + out * GP + gi, resc)
 
 
 def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs: int = 264) -> int:
@@ -208,6 +231,31 @@ def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs:
     if n_quant == 0:
         return 0
     return max(1, min(math.ceil(target_programs / batch_heads), n_quant // block))
+
+
+@dataclass
+class Partials:
+    """One launch's output: per (row x KV head, split) online-softmax partials ``m``, ``l`` [BH, S+1, GP]
+    (binary32, log2 units) and ``acc`` [BH, S+1, GP, D]; the last split holds the sink and window tokens.
+    With ``cert``: per block of ``block`` tokens (quantized blocks first, then sink, then window blocks)
+    the binary32 sum ``bmass`` of its weights in the frame ``bframe`` (the running maximum after it)
+    [BH, NB, GP], and per split the rescales ``resc`` [BH, S+1, GP] of the running sums.
+    ``certkv.streaming`` turns them into the step's certificate."""
+
+    m: torch.Tensor
+    l: torch.Tensor  # noqa: E741 (the sum of the weights, as in the papers)
+    acc: torch.Tensor
+    block: int
+    splits: int
+    chunk: int
+    bmass: torch.Tensor | None = None
+    bframe: torch.Tensor | None = None
+    resc: torch.Tensor | None = None
+
+
+def block_count(n_quant: int, n_sink: int, n_win: int, block: int) -> int:
+    """Blocks of the certificate's mass table: quantized, then sink, then window blocks."""
+    return n_quant // block + -(-n_sink // block) + -(-n_win // block)
 
 
 def decode_partials(
@@ -221,15 +269,15 @@ def decode_partials(
     num_stages: int = 3,
     deq16: bool = False,
     split_v: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the kernel: q [B, H, G, D] (16-bit). Returns m, l [B*H, S+1, GP] and acc [B*H, S+1, GP, D].
+    cert: bool = False,
+) -> Partials:
+    """Launch the kernel: q [B, H, G, D] (16-bit); ``cert`` adds the certificate's statistics.
 
-    ``precision``: "ieee" (binary32 products, the arithmetic certkv's rounding model assumes), "fma"
-    (the same arithmetic on CUDA cores, GQA rows unpadded), "tf32" or
-    "fp16" (tensor cores; operands rounded to 10-bit mantissas: faster, not yet covered by any
-    certificate; "fp16" also overflows beyond 65504, so it suits FP16 models only). ``deq16``:
-    dequantize in FP16 arithmetic (FP16 operands only); ``split_v``: accumulate even and odd value
-    channels separately instead of interleaving the nibbles in registers."""
+    ``precision``: "ieee" (binary32 products), "fma" (the same arithmetic on CUDA cores, GQA rows
+    unpadded), "tf32" or "fp16" (tensor cores; operands rounded to 10-bit mantissas; "fp16" overflows
+    beyond 65504, so it suits FP16 models only). ``certkv.streaming`` certifies "ieee", "fma" and
+    "fp16", not "tf32". ``deq16``: dequantize in FP16 arithmetic (FP16 operands only); ``split_v``:
+    accumulate even and odd value channels separately instead of interleaving the nibbles in registers."""
     if deq16 and precision != "fp16":
         raise ValueError("deq16 needs precision='fp16'")
     b, h, g, d = q.shape
@@ -240,25 +288,34 @@ def decode_partials(
     chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
     s = math.ceil(n_quant / chunk) if chunk else 0
     gp = triton.next_power_of_2(g) if precision == "fma" else max(16, triton.next_power_of_2(g))  # tl.dot: >= 16
-    m = torch.empty(b * h, s + 1, gp, dtype=torch.float32, device=q.device)
+    dev = q.device
+    m = torch.empty(b * h, s + 1, gp, dtype=torch.float32, device=dev)
     l_sum = torch.empty_like(m)
-    acc = torch.empty(b * h, s + 1, gp, d, dtype=torch.float32, device=q.device)
+    acc = torch.empty(b * h, s + 1, gp, d, dtype=torch.float32, device=dev)
+    n_sink, n_win = t1.sink_k.shape[2], t1.win_k.shape[2]
+    nb = block_count(n_quant, n_sink, n_win, block) if cert else 0
+    out = Partials(m, l_sum, acc, block, s, chunk)
+    if cert:
+        out.bmass = torch.empty(b * h, nb, gp, dtype=torch.float32, device=dev)
+        out.bframe = torch.empty_like(out.bmass)
+        out.resc = torch.empty(b * h, s + 1, gp, dtype=torch.int32, device=dev)
+    stats = [out.bmass, out.bframe, out.resc]
     _decode_kernel[(b * h, s + 1)](
         q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
-        m, l_sum, acc,
-        n_quant, t1.sink_k.shape[2], t1.win_k.shape[2], chunk, scale * LOG2E,
+        m, l_sum, acc, *(m if x is None else x for x in stats),
+        n_quant, n_sink, n_win, chunk, scale * LOG2E, nb,
         SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
-        num_warps=num_warps, num_stages=num_stages,
+        CERT=cert, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return m, l_sum, acc
+    return out
 
 
-def combine(m: torch.Tensor, l_sum: torch.Tensor, acc: torch.Tensor, g: int) -> torch.Tensor:
+def combine(p: Partials, g: int) -> torch.Tensor:
     """Merge the splits' partials: [B*H, G, D] binary32."""
-    top = m.amax(1, keepdim=True)
-    w = torch.exp2(torch.where(torch.isinf(m), -torch.inf, m - top))
-    num = (w[..., None] * acc).sum(1)
-    den = (w * l_sum).sum(1)
+    top = p.m.amax(1, keepdim=True)
+    w = torch.exp2(torch.where(torch.isinf(p.m), -torch.inf, p.m - top))
+    num = (w[..., None] * p.acc).sum(1)
+    den = (w * p.l).sum(1)
     return (num / den[..., None])[:, :g]
 
 
@@ -266,19 +323,59 @@ def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, 
     """Attention output [B, H, G, D] in q's dtype over the Tier-1 tokens (stage 0, no certificate);
     ``launch`` options as in ``decode_partials``."""
     b, h, g, d = q.shape
-    m, l_sum, acc = decode_partials(q, t1, scale, splits, **launch)  # type: ignore[arg-type]
-    return combine(m, l_sum, acc, g).reshape(b, h, g, d).to(q.dtype)
+    partials = decode_partials(q, t1, scale, splits, **launch)  # type: ignore[arg-type]
+    return combine(partials, g).reshape(b, h, g, d).to(q.dtype)
 
 
 def decode_reference(q: torch.Tensor, t1: Tier1, scale: float) -> torch.Tensor:
     """The same attention in float64 from the same Tier-1 tensors (dequantized exactly), [B, H, G, D]."""
-    kc, ks, kz = t1.quantized_keys().exact_parts()
-    vc, vs, vz = t1.quantized_values().exact_parts()
-    k, v = kc * ks + kz, vc * vs + vz
-    keys = torch.cat([t1.sink_k.double(), k, t1.win_k.double()], dim=2)
-    values = torch.cat([t1.sink_v.double(), v, t1.win_v.double()], dim=2)
+    keys, values = _exact_tokens(t1)
     w = torch.softmax(scale * torch.matmul(q.double(), keys.transpose(-1, -2)), dim=-1)
     return torch.matmul(w, values)
+
+
+def _exact_tokens(t1: Tier1) -> tuple[torch.Tensor, torch.Tensor]:
+    kc, ks, kz = t1.quantized_keys().exact_parts()
+    vc, vs, vz = t1.quantized_values().exact_parts()
+    keys = torch.cat([kc * ks + kz, t1.sink_k.double(), t1.win_k.double()], dim=2)
+    values = torch.cat([vc * vs + vz, t1.sink_v.double(), t1.win_v.double()], dim=2)
+    return keys, values
+
+
+def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64) -> Partials:
+    """The kernel's ``cert=True`` output computed in float64 from the exactly dequantized Tier-1 tensors,
+    one split for the quantized tokens and one for the exact ones, blocks in the kernel's order: what
+    every statistic would be without rounding (tests compare certificates from both)."""
+    b, h, g, d = q.shape
+    bh = b * h
+    n_quant, n_sink, n_win = t1.kc.shape[2], t1.sink_k.shape[2], t1.win_k.shape[2]
+    keys, values = _exact_tokens(t1)
+    keys, values = keys.reshape(bh, -1, d), values.reshape(bh, -1, d)
+    t = scale * LOG2E * torch.einsum("rgd,rnd->rgn", q.double().reshape(bh, g, d), keys)
+    spans = [(0, n_quant)] if n_quant else []
+    spans += [(n_quant, n_quant + n_sink), (n_quant + n_sink, n_quant + n_sink + n_win)]
+    splits = 1 if n_quant else 0
+    m = torch.full((bh, splits + 1, g), -math.inf, dtype=torch.float64)
+    l_sum, resc = torch.zeros_like(m), torch.zeros_like(m)
+    acc = torch.zeros(bh, splits + 1, g, d, dtype=torch.float64)
+    bmass, bframe = [], []
+    for index, (lo, hi) in enumerate(spans):
+        s = 0 if n_quant and index == 0 else splits
+        for n0 in range(lo, hi, block):
+            sl = slice(n0, min(n0 + block, hi))
+            m_new = torch.maximum(m[:, s], t[:, :, sl].amax(-1))
+            alpha = torch.exp2(m[:, s] - m_new)
+            p = torch.exp2(t[:, :, sl] - m_new[..., None])
+            resc[:, s] += (m_new > m[:, s]) & ~torch.isinf(m[:, s])
+            l_sum[:, s] = l_sum[:, s] * alpha + p.sum(-1)
+            acc[:, s] = acc[:, s] * alpha[..., None] + torch.einsum("rgn,rnd->rgd", p, values[:, sl])
+            bmass.append(p.sum(-1))
+            bframe.append(m_new)
+            m[:, s] = m_new
+    return Partials(
+        m, l_sum, acc, block, splits, n_quant,
+        bmass=torch.stack(bmass, 1), bframe=torch.stack(bframe, 1), resc=resc.int(),
+    )  # fmt: skip
 
 
 def from_cache(cache: object, layer: int) -> Tier1:
@@ -292,9 +389,13 @@ def from_cache(cache: object, layer: int) -> Tier1:
         raise ValueError("the decode kernel implements the paper layout (CertConfig() defaults) only")
     if st.promoted:
         raise ValueError("promoted tokens are not handled by the decode kernel yet")
-    assert st.qk is not None and st.qv is not None and st.sink_k is not None and st.sink_v is not None
-    assert st.win_k is not None and st.win_v is not None
+    assert st.qk is not None and st.qv is not None
+    empty = st.qk.scale.new_zeros(*st.qk.codes.shape[:2], 0, st.qk.codes.shape[-1])
+
+    def exact(x: torch.Tensor | None) -> torch.Tensor:
+        return empty if x is None else x
+
     return Tier1(
         st.qk.codes, st.qk.scale, st.qk.zero, st.qv.codes, st.qv.scale, st.qv.zero,
-        st.sink_k, st.sink_v, st.win_k, st.win_v,
+        exact(st.sink_k), exact(st.sink_v), exact(st.win_k), exact(st.win_v),
     )  # fmt: skip

@@ -30,7 +30,7 @@ def test_kernel_matches_float64_reference(dtype, b, hkv, g, n, splits):
     t1 = from_cache(cache, 0)
     q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=3, scale=2.0).to(DEVICE).reshape(b, hkv, g, 128)
     scale = 128**-0.5
-    got = combine(*decode_partials(q, t1, scale, splits), g).reshape(b, hkv, g, 128)
+    got = combine(decode_partials(q, t1, scale, splits), g).reshape(b, hkv, g, 128)
     want = decode_reference(q.cpu(), on_cpu(t1), scale)
     err = (got.double().cpu() - want).abs().max() / want.abs().max()
     assert err < 2e-6, err  # binary32 arithmetic throughout, against float64 on identical inputs
@@ -64,7 +64,7 @@ def test_tensor_core_variants_stay_close(precision, tol, options):
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2, scale=2.0).to(DEVICE).reshape(1, 2, 2, 128)
     t1 = from_cache(cache, 0)
     partials = decode_partials(q, t1, 128**-0.5, precision=precision, block=32, **options)
-    got = combine(*partials, 2).reshape(1, 2, 2, 128)
+    got = combine(partials, 2).reshape(1, 2, 2, 128)
     want = decode_reference(q.cpu(), on_cpu(t1), 128**-0.5)
     assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < tol
 

@@ -64,3 +64,32 @@ def test_tiny_masses_and_huge_radii_stay_sound():
         radius = np.full(4, r)
         ours = tv_bound(torch.tensor(pi)[None], torch.tensor(radius)[None])[0].item()
         assert mpmath.mpf(ours) >= exact_worst_tv(pi, radius)
+
+
+def test_divisible_bound_covers_every_split_of_a_group():
+    """Groups of tokens given as one mass and the largest radius among them (the decode kernel's
+    blocks): the divisible bound dominates the exact worst case over the tokens themselves, however a
+    group's mass is spread over them and whatever their radii below the group's."""
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        groups = int(rng.integers(1, 4))
+        sizes = rng.integers(1, 4, size=groups)
+        masses, radii, g_mass, g_rad = [], [], [], []
+        for size in sizes:
+            m = rng.random(size) ** rng.choice([1, 6])
+            r_max = rng.random() * rng.choice([1e-3, 0.1, 1.0, 4.0])
+            masses += list(m)
+            radii += list(r_max * rng.random(size) ** 0.3)
+            g_mass.append(m.sum())
+            g_rad.append(r_max)
+        exact = exact_worst_tv(np.array(masses), np.array(radii))
+        bound = tv_bound(torch.tensor([g_mass]), torch.tensor([g_rad]), divisible=True)
+        assert float(bound[0]) >= float(exact), (masses, radii)
+
+
+def test_heavy_entries_are_what_divisibility_gives_up():
+    # one heavy group whose worst case splits it: 0/1 membership of the group would understate TV
+    tokens = exact_worst_tv(np.array([0.5, 0.5]), np.array([1.0, 1.0]))
+    group = tv_bound(torch.tensor([[1.0]]), torch.tensor([[1.0]]), divisible=True)
+    atomic = tv_bound(torch.tensor([[1.0]]), torch.tensor([[1.0]]))
+    assert float(atomic[0]) < float(tokens) <= float(group[0])

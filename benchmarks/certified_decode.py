@@ -1,0 +1,164 @@
+"""The certified decode kernel on the GPU: soundness at realistic shapes, then speed against SDPA.
+
+Run from the repository root: ``PYTHONPATH=. python benchmarks/certified_decode.py [--out DIR]``.
+
+``check``: for B in {1, 8}, H_q/H_kv in {32/8, 8/8}, D = 128, FP16 and BF16 and contexts from 1K to
+128K (B = 8 up to 32K), fresh random originals (an outlier key channel) go through
+``TieredKVCache.append`` (the append kernel) and one query through ``certkv.streaming.kernel_step``
+(the kernel with its statistics, then the epilogue). On sampled heads (all heads up to 8K) the output
+is compared with the float64 attention over the same Tier-1 tensors and the error against exact
+attention over the originals (float64) with the certificate's output bound; up to 8K the torch path's
+stage-0 bound is recorded beside it. Any violation fails the run.
+
+``bench``: at B in {1, 8}, H_q/H_kv = 32/8, contexts 8K, 32K, 128K (FP16), median times
+(triton.testing.do_bench) eager and as replayed CUDA graphs of: SDPA on the FP16 cache; the kernel
+without and with its certificate statistics (the overhead); the epilogue (eager; its TV bound
+synchronises with the host); the whole certified step. Writes ``certified_decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from certkv.kernels.decode import Tier1, decode_partials, decode_reference, from_cache
+from triton.testing import do_bench
+
+import certkv
+from benchmarks.decode_bench import bandwidths, bench, tier1
+from certkv.streaming import certify, kernel_step, serving_precision
+
+D = 128
+LAUNCHES = {
+    "fp16_b64_w4": dict(precision="fp16", block=64, num_warps=4),
+    "fp16_b128_w8_deq16_split": dict(precision="fp16", block=128, num_warps=8, num_stages=2, deq16=True, split_v=True),
+    "ieee_b64_w4": dict(precision="ieee", block=64, num_warps=4),
+}
+
+
+def check(gen: torch.Generator) -> list[dict]:
+    rows = []
+    shapes = [(b, hq, hkv, n) for b, ns in ((1, (1024, 8192, 32768, 131072)), (8, (1024, 8192, 32768)))
+              for hq, hkv in ((32, 8), (8, 8)) for n in ns]  # fmt: skip
+    for dtype in (torch.float16, torch.bfloat16):
+        for b, hq, hkv, n in shapes:
+            t0 = time.time()
+            k = torch.randn(b, hkv, n, D, generator=gen, device="cuda")
+            k[..., 3] *= 8.0
+            v = torch.randn(b, hkv, n, D, generator=gen, device="cuda") * 0.5
+            q = (torch.randn(b, hq, 1, D, generator=gen, device="cuda") * 1.5).to(dtype)
+            k, v = k.to(dtype), v.to(dtype)
+            cache = certkv.TieredKVCache(1, hkv, D, config=certkv.CertConfig(max_stage=0), device="cuda")
+            cache.append(0, k, v)
+            st = cache._layers[0]
+            t1 = from_cache(cache, 0)
+            g = hq // hkv
+            qg = q.reshape(b, hkv, g, D)
+            out, cert = kernel_step(qg, t1, D**-0.5, st.v_min, st.v_max)
+            heads = [(bi, hi) for bi in range(b) for hi in range(hkv)]
+            if n > 8192:
+                pick = torch.randperm(len(heads), generator=torch.Generator().manual_seed(n + b))[:4]
+                heads = [heads[i] for i in pick]
+            worst_ratio, worst_ref, violations = 0.0, 0.0, 0
+            torch_bound = []
+            for bi, hi in heads:
+                one = Tier1(*(x[bi : bi + 1, hi : hi + 1] for x in vars(t1).values()))
+                ref = decode_reference(qg[bi : bi + 1, hi : hi + 1], one, D**-0.5)[0, 0]
+                got = out[bi, hi].double()
+                worst_ref = max(worst_ref, float((got - ref).abs().max() / ref.abs().max()))
+                w = torch.softmax(D**-0.5 * qg[bi, hi].double() @ k[bi, hi].double().T, dim=-1)
+                exact = w @ v[bi, hi].double()
+                err = (got - exact).abs().amax(-1)
+                bound = cert.output_bound[bi, hi]
+                violations += int((err > bound).sum())
+                worst_ratio = max(worst_ratio, float((err / bound).max()))
+            if n <= 8192:
+                torch_cache = certkv.TieredKVCache(
+                    1, hkv, D, config=certkv.CertConfig(max_stage=0, decode_kernel="never"), device="cuda"
+                )
+                torch_cache.append(0, k, v)
+                torch_bound = torch_cache.attend(0, q).certificate.output_bound.flatten().tolist()
+                del torch_cache
+            row = {
+                "dtype": str(dtype), "batch": b, "hq": hq, "hkv": hkv, "context": n,
+                "precision": serving_precision(dtype), "heads_checked": len(heads) * g,
+                "violations": violations, "max_err_over_bound": worst_ratio, "rel_err_vs_float64_tier1": worst_ref,
+                "bound_median": float(cert.output_bound.median()), "tv_median": float(cert.tv_bound.median()),
+                "torch_path_bound_median": float(torch.tensor(torch_bound).median()) if torch_bound else None,
+                "seconds": time.time() - t0,
+            }  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            assert violations == 0, row
+            del cache, k, v, t1
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list[dict]:
+    rows = []
+    hq, hkv = 32, 8
+    for b in batches:
+        for n in contexts:
+            t1, k, v = tier1(b, n, torch.float16, gen)
+            q = torch.randn(b, hq, 1, D, generator=gen, device="cuda").to(torch.float16)
+            qg = q.reshape(b, hkv, hq // hkv, D)
+            scale = D**-0.5
+            v_min, v_max = v.amin(2), v.amax(2)
+            row: dict = {"batch": b, "context": n, "tier1_over_fp16": t1.nbytes / (2 * k.numel() * 2)}
+            sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, scale=scale, enable_gqa=True)
+            for graph in (False, True):
+                tag = "graph" if graph else "eager"
+                row[f"sdpa_ms_{tag}"] = bench(sdpa, graph)
+                for name, launch in LAUNCHES.items():
+                    for cert in (False, True):
+                        fn = functools.partial(decode_partials, qg, t1, scale, cert=cert, **launch)
+                        row[f"{name}{'_cert' if cert else ''}_ms_{tag}"] = bench(fn, graph)
+            for name, launch in LAUNCHES.items():
+                parts = decode_partials(qg, t1, scale, cert=True, **launch)
+                epi = functools.partial(certify, qg, t1, parts, scale, launch["precision"], v_min, v_max,
+                                        torch.float16, bool(launch.get("deq16", False)))  # fmt: skip
+                row[f"{name}_epilogue_ms_eager"] = float(do_bench(epi, return_mode="median"))
+                row[f"{name}_overhead_graph"] = row[f"{name}_cert_ms_graph"] / row[f"{name}_ms_graph"] - 1
+                _, c = epi()
+                row[f"{name}_bound_median"] = float(c.output_bound.median())
+            row["kernel_step_ms_eager"] = float(
+                do_bench(functools.partial(kernel_step, qg, t1, scale, v_min, v_max), return_mode="median")
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del t1, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **bandwidths()}
+    result["check"] = [] if args.skip_check else check(gen)
+    result["speed"] = speed(gen, args.contexts, args.batches)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "certified_decode.json").write_text(json.dumps(result, indent=1) + "\n")
+    for r in result["speed"]:
+        print(f"B={r['batch']} n={r['context']}: sdpa {r['sdpa_ms_graph'] * 1e3:.1f} us (graph)")
+        for name in LAUNCHES:
+            plain, cert = r[f"{name}_ms_graph"] * 1e3, r[f"{name}_cert_ms_graph"] * 1e3
+            print(
+                f"  {name}: {plain:.1f} -> {cert:.1f} us with statistics (+{r[f'{name}_overhead_graph']:.0%}), "
+                f"x{r['sdpa_ms_graph'] * 1e3 / cert:.2f} SDPA; epilogue {r[f'{name}_epilogue_ms_eager'] * 1e3:.0f} us"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The certificate of a step served by the split-K decode kernel, from the statistics it streams.
+
+The kernel (``certkv.kernels.decode``, ``cert=True``) reads each Tier-1 byte once and leaves, beside
+its online-softmax partials, per block of tokens the sum of its binary32 weights and the frame they
+were computed in, and per split a few weighted sums (docs/theory.md section 8). This module turns
+them into the same guarantee as ``certkv.attention.certified_step``: for each (batch row, query head)
+
+    output_bound >= max_j |output_j - o_j|,  o = exact attention over the FP16/BF16 originals,
+
+with the kernel's own arithmetic (binary32 exp2 and sums, tensor-core products, FP16 operands where
+the precision rounds to them) in the rounding term. The terms take their total-variation forms
+(the per-token forms of the torch path need the output before the pass), the TV bounds come from
+``certkv.tv.tv_bound`` over block masses (divisible: a block may be split), and everything below is
+float64 on [B*H, G] rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from certkv.certificate import Certificate
+from certkv.quant import RADIUS_FACTOR
+from certkv.rounding import EXP_REL, TC_U, U32, U64, gamma, inflate, quotient_bound
+from certkv.tv import tanh_bound, tv_bound
+
+U16 = 2.0**-11  # unit roundoff of FP16
+# |exp2(fl(x)) - 2^x| <= ALPHA1 * 2^x + BETA1 for every computed argument fl(x) of an exact x <= 0:
+# the exp2 routine's own error (EXP_REL, EXP_ABS, measured) plus the rounding of the argument
+# (relative U32, which moves 2^x by at most a factor 2^(128 U32) while |x| <= 128; below 2^-128 the
+# error is absolute).
+ALPHA1 = EXP_REL * 2.0 ** (128 * U32) + math.expm1(128 * U32 * math.log(2)) * 1.01
+BETA1 = 2.0**-125
+LIVE = 2.0**20  # a block is live when its mass exceeds LIVE x its absolute error
+DUST_RADIUS_MAX = 16.0  # above this radius the dust bound e^(2R) D is not used (TV taken as 1)
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The rounding model of one kernel configuration, per element. A quantized key or value with
+    code c, scale s and zero z (exact dequantized c s + z, L the largest code) enters the products as
+    an operand within ``step`` * L|s| + ``mag`` * max(|z|, |z + L s|) + ``abs`` of c s + z (one rounding
+    of c s, one of the sum, each relative to its own result); the weights fed to the value product
+    within ``p_rel`` * p + ``p_abs`` of p; every operand stays below ``limit`` (FP16: 65504); and
+    the products accumulate with unit roundoff ``dot_u``."""
+
+    step: float
+    mag: float
+    abs: float
+    p_rel: float
+    p_abs: float
+    limit: float
+    dot_u: float
+
+
+# binary32 dequantization, products on FMAs ("ieee" and "fma" run on the CUDA cores); FP16 operands on
+# tensor cores (TC_U), dequantized in FP16 (deq16: two FP16 roundings) or in binary32 and rounded to
+# FP16 once; FP16 subnormals are absolute errors (2^-25 per rounding)
+ARITHMETIC = {
+    ("ieee", False): Arithmetic(U32, 1.0001 * U32, 2.0**-148, 0.0, 0.0, math.inf, U32),
+    ("fma", False): Arithmetic(U32, 1.0001 * U32, 2.0**-148, 0.0, 0.0, math.inf, U32),
+    ("fp16", False): Arithmetic(U32, U16 + 2.01 * U32, 2.0**-24, U16, 2.0**-25, 65504.0, TC_U),
+    ("fp16", True): Arithmetic(U16, 1.001 * U16, 2.0**-24, U16, 2.0**-25, 65504.0, TC_U),
+}
+
+
+def _upper(computed: torch.Tensor, rel: float | torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
+    """X >= 0 with |computed - X| <= rel X + absolute: X <= (computed + absolute) / (1 - rel)."""
+    return (computed + absolute) * inflate(4) / (1 - rel)
+
+
+def _split(x: torch.Tensor, g: int) -> torch.Tensor:
+    return x[..., :g]
+
+
+def certify(
+    q: torch.Tensor,
+    t1: object,
+    partials: object,
+    scale: float,
+    precision: str,
+    v_min: torch.Tensor,
+    v_max: torch.Tensor,
+    out_dtype: torch.dtype,
+    deq16: bool = False,
+) -> tuple[torch.Tensor, Certificate]:
+    """Output [B, H, G, D] in ``out_dtype`` and its certificate (fields [B, H, G]) for q [B, H, G, D]
+    over ``t1`` (``certkv.kernels.decode.Tier1``) from ``partials`` (``decode_partials(cert=True)``).
+    v_min, v_max [B, H, D]: the range of the original values over all tokens (the cache keeps it)."""
+    from certkv.kernels.decode import KEY_GROUP, VALUE_GROUP, Partials, Tier1
+
+    assert isinstance(t1, Tier1) and isinstance(partials, Partials) and partials.bmass is not None
+    if (precision, deq16) not in ARITHMETIC:
+        raise ValueError(f"precision {precision!r} (deq16={deq16}) has no rounding model: {sorted(ARITHMETIC)}")
+    ar = ARITHMETIC[precision, deq16]
+    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, t1.sink_k, t1.win_k)):
+        raise ValueError("precision 'fp16' rounds operands to FP16: it is certified for FP16 caches and queries only")
+    p = partials
+    assert p.bframe is not None and p.resc is not None
+    b, h, g, d = q.shape
+    bh = b * h
+    n_quant, n_sink, n_win = t1.kc.shape[2], t1.sink_k.shape[2], t1.win_k.shape[2]
+    n = n_quant + n_sink + n_win
+    blk = p.block
+    s_up = float(torch.tensor(scale, dtype=torch.float32)) * (1 + 2 * U32)
+    absq = q.reshape(bh, g, d).double().abs()
+
+    # ---- combine the splits in float64: y = acc / l over exact weights W_i = 2^(t_i - top) ----
+    m = _split(p.m.double(), g)  # [BH, S+1, G]
+    top = m.amax(1)  # the largest computed logit: its token has W = 1, so L = sum W >= 1
+    w = torch.where(torch.isinf(m), torch.zeros_like(m), torch.exp2(m - top[:, None]))
+    acc = (w[..., None] * p.acc[:, :, :g].double()).sum(1)  # [BH, G, D]
+    l_sum = (w * _split(p.l.double(), g)).sum(1)
+    y = acc / l_sum[..., None]
+    out = y.to(out_dtype)
+
+    # ---- logit radii per block: quantization eps, rounding rho (computed vs exact dequantized) ----
+    q_dot = gamma(d + 5, ar.dot_u)
+    ks, kz = t1.ks.double().reshape(bh, -1, d), t1.kz.double().reshape(bh, -1, d)
+    k_rad = (t1.ks.float() * RADIUS_FACTOR).double().reshape(bh, -1, d)  # the quantizer's guarantee
+    k_max = torch.maximum(kz.abs(), (kz + 255 * ks).abs()) * (1 + 2 * U64)  # >= |c s + z|, 0 <= c <= 255
+    k_err = (ar.step * 255 * ks.abs() + ar.mag * k_max + ar.abs) * (1 + 2 * U64)  # >= |operand - (c s + z)|
+    k_used = k_max + k_err  # >= |key operand|
+    eps_g = s_up * torch.einsum("rgd,rkd->rgk", absq, k_rad) * inflate(d)
+    rho_g = s_up * torch.einsum("rgd,rkd->rgk", absq, k_used * q_dot + k_err) * inflate(d)
+    per_group = KEY_GROUP // blk
+    eps_q = eps_g.repeat_interleave(per_group, -1)
+    rho_q = rho_g.repeat_interleave(per_group, -1)
+    exact_rho = []
+    for k16 in (t1.sink_k, t1.win_k):  # exact tokens: the dot product's rounding only
+        cnt = k16.shape[2]
+        if not cnt:
+            continue
+        kk = k16.double().abs().reshape(bh, cnt, d)
+        r = s_up * torch.einsum("rgd,rkd->rgk", absq, kk) * q_dot * inflate(d)  # operands exact (FP16 in FP16)
+        pad = -(-cnt // blk) * blk - cnt
+        r = torch.nn.functional.pad(r, (0, pad)).reshape(bh, g, -1, blk).amax(-1)
+        exact_rho.append(r)
+    rho = torch.cat([rho_q, *exact_rho], dim=-1)  # [BH, G, NB]
+    eps = torch.cat([eps_q, *(torch.zeros_like(r) for r in exact_rho)], dim=-1)
+    r_p = (eps + rho) * (1 + 2 * U64)  # original vs computed logits
+    r_h = rho  # exact dequantized vs computed
+
+    # ---- block masses M (float64) in the frame of top, their accuracy lambda, and the dust ----
+    bmass = p.bmass[:, :, :g].double().transpose(1, 2)  # [BH, G, NB]
+    frame = torch.exp2(p.bframe[:, :, :g].double().transpose(1, 2) - top[..., None])
+    mass = bmass * frame
+    c1 = (ALPHA1 + gamma(blk) * (1 + ALPHA1)) * (1 + 4 * U64) + 4 * U64
+    b_abs = blk * BETA1 * (1 + gamma(blk)) * (1 + 4 * U64) * frame
+    live = mass >= LIVE * b_abs
+    lam = torch.where(live, 2 * (c1 + b_abs / mass.clamp(min=1e-300)) * (1 + 2.0**-40), torch.zeros_like(mass))
+    dust = torch.where(live, torch.zeros_like(mass), (mass + b_abs) / (1 - c1)).sum(-1) * inflate(mass.shape[-1])
+    m_live = torch.where(live, mass, torch.zeros_like(mass))
+
+    rp_max, rh_max = r_p.amax(-1), r_h.amax(-1)
+    grow_p = torch.where(rp_max <= DUST_RADIUS_MAX, torch.exp(2 * rp_max), torch.full_like(rp_max, math.inf))
+    grow_h = torch.where(rh_max <= DUST_RADIUS_MAX, torch.exp(2 * rh_max), torch.full_like(rh_max, math.inf))
+    # TV(p, pi), TV(p_hat, pi), TV(p~, pi) over the live block masses, in one call
+    radii = torch.stack([r_p, r_h, torch.zeros_like(r_h)]) + lam
+    nb_all = mass.shape[-1]
+    tvs = tv_bound(m_live.expand_as(radii).reshape(-1, nb_all), radii.reshape(-1, nb_all), divisible=True)
+    tv_p, tv_h, tv_0 = tvs.reshape(radii.shape[:-1])
+    one = torch.ones_like(tv_p)
+    tv_pi = torch.minimum(tv_p + grow_p * dust, one)  # TV(p, pi), pi the live block masses' weights
+    tv_key = torch.minimum(tanh_bound(eps.amax(-1)), tv_p + tv_h + (grow_p + grow_h) * dust).clamp(max=1.0)
+    tv_hat = torch.minimum(tanh_bound(rh_max), tv_0 + tv_h + (1 + grow_h) * dust).clamp(max=1.0)
+
+    # ---- the kernel's weights against exact ones: K rescales, nb blocks per split ----
+    n_resc = _split(p.resc, g).amax(1).double()  # [BH, G]
+    nb = max(p.chunk // blk, -(-n_sink // blk) + -(-n_win // blk), 1)
+    alpha_k = torch.expm1((n_resc + 1) * math.log1p(ALPHA1)) * (1 + 2.0**-40)
+    beta_k = (n_resc + 1) * BETA1 * torch.exp(n_resc * math.log1p(ALPHA1 + BETA1))
+    comb = gamma(2 * p.splits + 8, U64)
+    g_sum = gamma(blk + 2 * nb + 8)  # binary32 running sum l
+    g_acc = gamma(blk + 2 * nb + 8, ar.dot_u)  # the value products and their running sum
+    c_l = (1 + alpha_k) * (1 + g_sum) * (1 + comb) - 1
+    l_w = _upper(l_sum, c_l, n * beta_k)  # >= L = sum W
+    err_l = c_l * l_w + n * beta_k * (1 + comb)
+    # per block: the largest |v_hat| and value radius per channel group (exact tokens: |v|, 0);
+    # sums over tokens weighted by W are bounded through the blocks' exact masses M* <= m_up
+    m_up = (mass + b_abs) / (1 - c1) * (1 + 2.0**-40)  # [BH, G, NB]
+    vmag_blk, eta_blk = _block_values(t1, blk)  # [BH, NB], [BH, NB, groups]
+    vmag_max = vmag_blk.amax(-1)[:, None]  # [BH, 1]
+    s_w = (m_up * vmag_blk[:, None, :]).sum(-1) * inflate(nb_all)  # >= sum W |v_hat|
+    # |operand - v_hat| <= step 15|s| + mag |v_hat|max + abs, and 15|s| <= |z| + |z + 15 s| <= 2 vmag
+    v_rel = 2 * ar.step + ar.mag
+    v_used = s_w * (1 + v_rel) + ar.abs * l_w  # >= sum W |value operand|
+    c_n = (1 + ar.p_rel) * (1 + alpha_k) * (1 + g_acc) * (1 + comb) - 1
+    weight_abs = ((1 + ar.p_rel) * beta_k + ar.p_abs * torch.exp(n_resc * math.log1p(ALPHA1 + BETA1))) * (1 + g_acc)
+    err_n = (c_n * v_used + v_rel * s_w + ar.abs * l_w + n * weight_abs * (vmag_max * (1 + v_rel) + ar.abs)) * (
+        1 + 2.0**-40
+    )
+    quotient = quotient_bound(acc.abs(), err_n[..., None], err_l[..., None], l_sum[..., None])
+    division = 2 * U64 * y.abs()
+    cast = (out.double() - y).abs()
+
+    # ---- value radii eta per channel group: extremes, and sum_i pi_i eta_i ----
+    eta_hi = eta_blk.amax(1)  # [BH, groups]
+    vs = t1.vs.reshape(bh, n_quant, -1)
+    eta_lo = (vs.amin(1).float() * RADIUS_FACTOR).double() if n_quant else torch.zeros_like(eta_hi)
+    if n_sink + n_win:
+        eta_lo = torch.zeros_like(eta_lo)  # exact tokens carry no value error
+    w_eta = torch.einsum("rgb,rbc->rgc", m_up, eta_blk) * inflate(nb_all)  # >= sum W eta
+    live_sum = m_live.sum(-1) / (1 + gamma(m_live.shape[-1], U64))
+    pi_eta = w_eta * torch.exp(lam.amax(-1))[..., None] * (1 + 4 * U64) / live_sum[..., None]
+    pi_eta = torch.where(live_sum[..., None] > 0, pi_eta, eta_hi[:, None, :].expand_as(pi_eta))
+
+    def per_channel(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(VALUE_GROUP, -1)
+
+    eta_max = per_channel(eta_hi)[:, None, :]  # [BH, 1, D]
+    eta_min = per_channel(eta_lo)[:, None, :]
+    v_range = (v_max.double() - v_min.double()).reshape(bh, 1, d)
+    key_j = tv_key[..., None] * v_range
+    value_j = per_channel(pi_eta) + tv_pi[..., None] * (eta_max - eta_min)
+    cross_j = tv_key[..., None] * 2 * eta_max
+    round_j = (cast + division + quotient + tv_hat[..., None] * (v_range + 2 * eta_max)) * (1 + 2.0**-40)
+    # the four terms split output - o through p_hat (exact dequantized keys), which counts the rounding
+    # radius rho three times; through p~ (exact softmax of the computed logits) it counts once:
+    # output - o = [output - sum p~ v_hat] + sum (p~ - p) v + sum p~ (v_hat - v), no cross term
+    tv_direct = torch.minimum(tanh_bound(rp_max), tv_p + tv_0 + (grow_p + 1) * dust).clamp(max=1.0)
+    tv_tilde = (tv_0 + dust).clamp(max=1.0)  # TV(p~, pi)
+    direct_j = (
+        cast
+        + division
+        + quotient
+        + tv_direct[..., None] * v_range
+        + per_channel(pi_eta)
+        + tv_tilde[..., None] * (eta_max - eta_min)
+    ) * (1 + 2.0**-40)
+    total_j = torch.minimum((key_j + value_j + cross_j + round_j) * (1 + 2.0**-40), direct_j)
+
+    # operands that would overflow the precision, or a non-finite result: nothing is certified
+    too_big = (k_used.amax((-1, -2)) > ar.limit) | (vmag_max[:, 0] * (1 + v_rel) > ar.limit)
+    for k16, v16 in ((t1.sink_k, t1.sink_v), (t1.win_k, t1.win_v)):
+        if k16.shape[2]:
+            big = torch.maximum(k16.abs().reshape(bh, -1).amax(-1), v16.abs().reshape(bh, -1).amax(-1))
+            too_big |= big.double() > ar.limit
+    broken = too_big[:, None] | ~torch.isfinite(y).all(-1) | ~(l_sum > 0) | ~torch.isfinite(total_j).all(-1)
+    inf = torch.full_like(tv_key, math.inf)
+
+    def field(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(broken, inf, x).reshape(b, h, g)
+
+    zeros = torch.zeros(b, h, g, dtype=torch.float64, device=q.device)
+    never = torch.zeros(b, h, g, dtype=torch.int64, device=q.device)
+    cert = Certificate(
+        tv_bound=field(tv_key),
+        key_term=field(key_j.amax(-1)),
+        value_term=field(value_j.amax(-1)),
+        cross_term=field(cross_j.amax(-1)),
+        rounding_term=field(round_j.amax(-1)),
+        output_bound=field(total_j.amax(-1)),
+        stage=never.clone(),
+        tv_tanh=tanh_bound(r_p.amax(-1)).reshape(b, h, g),
+        logit_radius=r_p.amax(-1).reshape(b, h, g),
+        tolerance=zeros,
+        accepted=torch.zeros(b, h, g, dtype=torch.bool, device=q.device),
+        fetched_values=never.clone(),
+        fetched_keys=never.clone(),
+    )
+    return out.reshape(b, h, g, d), cert
+
+
+def serving_precision(dtype: torch.dtype) -> str:
+    """The kernel precision certkv serves a cache of ``dtype`` with: FP16 tensor-core products for FP16
+    caches (operands exact in FP16 apart from the dequantization's rounding), binary32 products
+    otherwise (BF16 operands would lose range in FP16)."""
+    return "fp16" if dtype == torch.float16 else "ieee"
+
+
+def kernel_step(
+    q: torch.Tensor, t1: object, scale: float, v_min: torch.Tensor, v_max: torch.Tensor
+) -> tuple[torch.Tensor, Certificate]:
+    """Stage 0 through the decode kernel: one launch with ``cert=True`` and this module's epilogue.
+    q [B, H_kv, G, D] (16-bit); returns the output in q's dtype and the certificate (fields [B, H_kv, G])."""
+    from certkv.kernels.decode import decode_partials
+
+    precision = serving_precision(q.dtype)
+    partials = decode_partials(q, t1, scale, precision=precision, cert=True)  # type: ignore[arg-type]
+    return certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype)
+
+
+def _block_values(t1: object, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``blk`` tokens in the kernel's order (quantized, sink, window), float64: the largest
+    |v_hat| of its tokens [BH, NB] (max(|z|, |z + 15 s|) per channel group, exact for 16-bit s and z)
+    and the largest value radius per channel group [BH, NB, D/64] (0 for exact tokens)."""
+    from certkv.kernels.decode import Tier1
+
+    assert isinstance(t1, Tier1)
+    b, h, n_quant = t1.vs.shape[:3]
+    bh = b * h
+    vs, vz = t1.vs.double().reshape(bh, n_quant // blk, blk, -1), t1.vz.double().reshape(bh, n_quant // blk, blk, -1)
+    vmag = [torch.maximum(vz.abs(), (vz + 15 * vs).abs()).amax((-1, -2))]
+    radius = (t1.vs.float() * RADIUS_FACTOR).double().reshape(bh, n_quant // blk, blk, -1).amax(2)
+    eta = [radius]
+    for v16 in (t1.sink_v, t1.win_v):
+        cnt = v16.shape[2]
+        if cnt:
+            pad = -(-cnt // blk) * blk - cnt
+            mag = torch.nn.functional.pad(v16.double().abs().amax(-1).reshape(bh, cnt), (0, pad))
+            vmag.append(mag.reshape(bh, -1, blk).amax(-1))
+            eta.append(torch.zeros(bh, vmag[-1].shape[1], radius.shape[-1], dtype=torch.float64, device=radius.device))
+    return torch.cat(vmag, 1), torch.cat(eta, 1)

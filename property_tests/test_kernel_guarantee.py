@@ -1,0 +1,79 @@
+"""The decode kernel's streamed certificate against the exact reference on drawn caches: every
+certified precision, GQA group, split count and the hard logit cases of the core suite. The kernel
+runs in Triton's interpreter on the CPU; a quarter of the profile's examples (it is the slowest suite)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from certkv.kernels.decode import decode_partials, from_cache
+
+import certkv
+from certkv.certificate import AttentionResult, Certificate
+from certkv.reference.verify import verify_step
+from certkv.streaming import certify
+from property_tests.strategies import MODES, Scenario
+
+LAUNCHES = {
+    "ieee": {"block": 64},
+    "ieee-split": {"block": 32, "split_v": True},
+    "fma": {"block": 16},
+    "fp16": {"block": 64},
+    "fp16-deq16": {"block": 32, "deq16": True, "split_v": True},
+}
+
+
+@st.composite
+def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None]:
+    launch = draw(st.sampled_from(sorted(LAUNCHES)))
+    dtype = torch.float16 if launch.startswith("fp16") else draw(st.sampled_from((torch.float16, torch.bfloat16)))
+    sc = Scenario(
+        batch=draw(st.integers(1, 2)),
+        kv_heads=draw(st.integers(1, 2)),
+        group=draw(st.sampled_from((1, 2, 4))),
+        n=draw(st.integers(129, 700)),
+        head_dim=128,
+        dtype=dtype,
+        mode=draw(st.sampled_from(MODES)),
+        q_scale=draw(st.sampled_from((0.1, 1.0, 3.0, 10.0))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        config=certkv.CertConfig(
+            max_stage=0, window=draw(st.sampled_from((0, 16, 128))), sinks=draw(st.integers(0, 4))
+        ),
+    )
+    return sc, launch, draw(st.sampled_from((None, 1, 2, 5)))
+
+
+@settings(max_examples=max(1, settings().max_examples // 4))
+@given(kernel_cases())
+def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, str, int | None]) -> None:
+    sc, launch, splits = case
+    q, k, v = sc.tensors()
+    cache = certkv.TieredKVCache(1, sc.kv_heads, 128, config=sc.config)
+    cache.append(0, k, v)
+    layer = cache._layers[0]
+    if layer.qk is None:
+        return  # fewer tokens than one key group beyond the window: nothing for the kernel
+    options = dict(LAUNCHES[launch])
+    precision = launch.split("-")[0]
+    t1 = from_cache(cache, 0)
+    qg = q.reshape(sc.batch, sc.kv_heads, sc.group, 128)
+    partials = decode_partials(qg, t1, 128**-0.5, splits, precision=precision, cert=True, **options)
+    out, cert = certify(qg, t1, partials, 128**-0.5, precision, layer.v_min, layer.v_max, q.dtype,
+                        bool(options.get("deq16", False)))  # fmt: skip
+    hq = sc.kv_heads * sc.group
+    none = torch.zeros(sc.batch, sc.kv_heads, layer.length, dtype=torch.bool)
+    result = AttentionResult(
+        out.reshape(sc.batch, hq, 1, 128),
+        Certificate(**{f: x.reshape(sc.batch, hq, 1) for f, x in cert.to_dict().items()}),
+        none,
+        none,
+    )
+    checks = verify_step(q, *cache.originals(0), *cache.dequantized_exact(0), result)
+    bad = [c for c in checks if c.violations]
+    assert not bad, f"violated {bad[0].violations}: claimed {bad[0].claimed} exact {bad[0].exact}"

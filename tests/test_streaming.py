@@ -1,0 +1,156 @@
+"""The decode kernel's certificate (certkv.streaming) against the exact reference, against the same
+epilogue fed float64 statistics, and serving through the cache. On the CPU the kernel runs in
+Triton's interpreter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from certkv.kernels.decode import Tier1, decode_partials, from_cache, partials_reference
+
+import certkv
+from certkv.certificate import AttentionResult, Certificate
+from certkv.streaming import certify, kernel_step
+from tests.helpers import assert_sound, make_kv, make_q
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCALE = 128**-0.5
+
+
+def cache_of(b, hkv, n, dtype, seed=0, outlier=6.0, **cfg):
+    k, v = make_kv(b=b, hkv=hkv, n=n, d=128, dtype=dtype, seed=seed, outlier=outlier)
+    cache = certkv.TieredKVCache(1, hkv, 128, config=certkv.CertConfig(max_stage=0, **cfg), device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    return cache
+
+
+def kernel_result(cache, q, precision, splits=None, **launch):
+    """Launch with cert=True and certify; the result shaped as the cache serves it."""
+    b, hq = q.shape[:2]
+    hkv = cache.num_kv_heads
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    qg = q.reshape(b, hkv, hq // hkv, 128)
+    partials = decode_partials(qg, t1, SCALE, splits, precision=precision, cert=True, **launch)
+    out, cert = certify(qg, t1, partials, SCALE, precision, st.v_min, st.v_max, q.dtype, launch.get("deq16", False))
+    fields = {k: v.reshape(b, hq, 1) for k, v in cert.to_dict().items()}
+    none = torch.zeros(b, hkv, st.length, dtype=torch.bool)
+    return AttentionResult(out.reshape(b, hq, 1, 128).cpu(), Certificate(**fields), none, none)
+
+
+CASES = [
+    # dtype, precision, launch options, (b, hkv, g, n), splits, query scale
+    (torch.float16, "ieee", {}, (1, 2, 2, 700), 3, 2.0),
+    (torch.bfloat16, "ieee", {"split_v": True}, (2, 1, 4, 390), None, 2.0),
+    (torch.float16, "fp16", {"block": 32}, (1, 1, 4, 520), None, 2.0),
+    (torch.float16, "fp16", {"block": 32, "deq16": True, "split_v": True}, (1, 2, 1, 650), 2, 2.0),
+    (torch.float16, "fma", {"block": 16}, (1, 1, 2, 300), None, 2.0),
+    (torch.bfloat16, "ieee", {}, (1, 1, 4, 900), 4, 40.0),  # peaky: most blocks are dust
+    (torch.float16, "fp16", {"block": 64}, (1, 2, 2, 460), None, 0.05),  # flat attention
+]
+
+
+@pytest.mark.parametrize("dtype, precision, launch, shape, splits, q_scale", CASES)
+def test_kernel_certificate_dominates_the_exact_error(dtype, precision, launch, shape, splits, q_scale):
+    b, hkv, g, n = shape
+    cache = cache_of(b, hkv, n, dtype, seed=n)
+    q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE)
+    result = kernel_result(cache, q, precision, splits, **launch)
+    checks = assert_sound(cache, 0, q.cpu(), result)
+    assert all(math.isfinite(c.claimed["output_bound"]) for c in checks)
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "ieee"), (torch.float16, "fp16")])
+def test_kernel_statistics_give_the_certificate_of_exact_statistics(dtype, precision):
+    # the same epilogue fed the kernel's binary32 statistics and float64 ones computed without
+    # rounding from the same Tier-1 tensors: the certificates agree to the statistics' accuracy
+    cache = cache_of(2, 2, 700, dtype, seed=1)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    q = make_q(b=2, hq=4, d=128, dtype=dtype, seed=4).to(DEVICE).reshape(2, 2, 2, 128)
+    kernel = certify(q, t1, decode_partials(q, t1, SCALE, 3, precision=precision, cert=True), SCALE, precision,
+                     st.v_min, st.v_max, dtype)  # fmt: skip
+    exact = certify(q.cpu(), on_cpu(t1), partials_reference(q.cpu(), on_cpu(t1), SCALE), SCALE, precision,
+                    st.v_min.cpu(), st.v_max.cpu(), dtype)  # fmt: skip
+    # outputs: a BF16 ulp apart for binary32 products; FP16 operands move the logits by ~2^-11 relative
+    atol = 1e-5 if precision == "ieee" else 2e-3
+    assert torch.allclose(kernel[0].float().cpu(), exact[0].float(), rtol=2**-7, atol=atol)
+    for name in ("tv_bound", "key_term", "value_term", "cross_term", "output_bound", "logit_radius"):
+        got, want = getattr(kernel[1], name).cpu(), getattr(exact[1], name)
+        assert torch.allclose(got, want, rtol=1e-3), name
+    # the rounding term depends on the rescales counted, which the split changes: same order only
+    ratio = kernel[1].rounding_term.cpu() / exact[1].rounding_term
+    assert bool(((ratio > 0.5) & (ratio < 2.0)).all())
+
+
+def on_cpu(t1: Tier1) -> Tier1:
+    return Tier1(*(t.cpu() for t in vars(t1).values()))
+
+
+def test_no_exact_tokens():
+    # window 0 and no sinks, a whole number of key groups: every token quantized, no window split work
+    cache = cache_of(1, 1, 512, torch.float16, seed=3, window=0, sinks=0)
+    assert cache._layers[0].win_k.shape[2] == 0 and cache._layers[0].n_sink == 0
+    q = make_q(b=1, hq=2, d=128, dtype=torch.float16, seed=5).to(DEVICE)
+    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "ieee"))
+
+
+def test_precisions_without_a_rounding_model_are_refused():
+    cache = cache_of(1, 1, 300, torch.bfloat16)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    q = make_q(b=1, hq=2, d=128, dtype=torch.bfloat16).to(DEVICE).reshape(1, 1, 2, 128)
+    with pytest.raises(ValueError, match="no rounding model"):
+        certify(q, t1, decode_partials(q, t1, SCALE, precision="tf32", cert=True), SCALE, "tf32", st.v_min,
+                st.v_max, q.dtype)  # fmt: skip
+    with pytest.raises(ValueError, match="FP16 caches"):
+        certify(q, t1, decode_partials(q, t1, SCALE, precision="fp16", cert=True), SCALE, "fp16", st.v_min,
+                st.v_max, q.dtype)  # fmt: skip
+
+
+def test_operands_beyond_fp16_range_are_not_certified():
+    # scales and zero points whose dequantized keys reach 73,500: FP16 operands would overflow
+    cache = cache_of(1, 1, 300, torch.float16)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    t1.ks[..., 0] = 300.0
+    t1.kz[..., 0] = -3000.0
+    q = make_q(b=1, hq=2, d=128, dtype=torch.float16).to(DEVICE).reshape(1, 1, 2, 128)
+    _, cert = certify(q, t1, decode_partials(q, t1, SCALE, precision="fp16", cert=True), SCALE, "fp16", st.v_min,
+                      st.v_max, q.dtype)  # fmt: skip
+    assert bool(torch.isinf(cert.output_bound).all())
+    _, cert = certify(q, t1, decode_partials(q, t1, SCALE, precision="ieee", cert=True), SCALE, "ieee", st.v_min,
+                      st.v_max, q.dtype)  # fmt: skip
+    assert bool(torch.isfinite(cert.output_bound).all())
+
+
+def test_cache_serves_stage0_from_the_kernel_and_falls_back_to_the_torch_ladder():
+    k, v = make_kv(b=1, hkv=2, n=700, d=128, dtype=torch.float16, seed=1)
+    q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2, scale=0.5).to(DEVICE)
+    loose = certkv.CertConfig(decode_kernel="always", out_tol=1.0, tv_tol=1.0)
+    cache = certkv.TieredKVCache(1, 2, 128, config=loose, device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    served = cache.attend(0, q)
+    st = cache._layers[0]
+    out, cert = kernel_step(q.reshape(1, 2, 2, 128), from_cache(cache, 0), SCALE, st.v_min, st.v_max)
+    assert torch.equal(served.output, out.reshape(1, 4, 1, 128))  # the kernel's output, not the torch path's
+    assert torch.equal(served.certificate.output_bound, cert.output_bound.reshape(1, 4, 1))
+    assert bool((served.certificate.stage == 0).all() and served.certificate.accepted.all())
+    assert_sound(cache, 0, q.cpu(), served)
+    # a tolerance the streamed certificate misses: the torch ladder serves the step (dense here)
+    tight = certkv.CertConfig(decode_kernel="always", out_tol=0.02)
+    cache = certkv.TieredKVCache(1, 2, 128, config=tight, device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    served = cache.attend(0, q)
+    assert bool((served.certificate.stage > 0).all() and served.certificate.accepted.all())
+    assert_sound(cache, 0, q.cpu(), served)
+
+
+def test_decode_kernel_mode_is_validated():
+    with pytest.raises(certkv.errors.ConfigError, match="decode_kernel"):
+        certkv.CertConfig(decode_kernel="sometimes")

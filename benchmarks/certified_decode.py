@@ -137,13 +137,50 @@ def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list
     return rows
 
 
+def _torch_step(cache: certkv.TieredKVCache, q: torch.Tensor) -> tuple:
+    from certkv.attention import certified_step
+
+    return certified_step(q, cache.tokens(0), D**-0.5, torch.float16)
+
+
+def paths(gen: torch.Generator, contexts: list[int]) -> list[dict]:
+    """One certified stage-0 step of a TieredKVCache (B = 1, 32/8 heads, FP16) both ways, eager: the
+    kernel with its epilogue, and the torch path (``tokens()`` then ``certified_step``)."""
+    rows = []
+    for n in contexts:
+        k = torch.randn(1, 8, n, D, generator=gen, device="cuda").half()
+        v = (torch.randn(1, 8, n, D, generator=gen, device="cuda") * 0.5).half()
+        q = torch.randn(1, 8, 4, D, generator=gen, device="cuda").half()
+        cache = certkv.TieredKVCache(1, 8, D, config=certkv.CertConfig(max_stage=0), device="cuda")
+        cache.append(0, k, v)
+        st = cache._layers[0]
+        kern = functools.partial(kernel_step, q, from_cache(cache, 0), D**-0.5, st.v_min, st.v_max)
+        torch_path = functools.partial(_torch_step, cache, q)
+        row = {"context": n, "kernel_step_ms": float(do_bench(kern, warmup=3, rep=30, return_mode="median")),
+               "torch_path_ms": float(do_bench(torch_path, warmup=1, rep=5, return_mode="median")),
+               "kernel_bound_median": float(kern()[1].output_bound.median()),
+               "torch_bound_median": float(torch_path()[1].output_bound.median())}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del cache, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--paths", action="store_true", help="only: the cache's certified step, kernel vs torch path")
     args = ap.parse_args()
+    if args.paths:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        out = {"device": torch.cuda.get_device_name(), "paths": paths(gen, args.contexts)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "certified_paths.json").write_text(json.dumps(out, indent=1) + "\n")
+        return
     gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)  # fresh inputs every run
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **bandwidths()}
     result["check"] = [] if args.skip_check else check(gen)

@@ -129,6 +129,8 @@ class TieredKVCache:
         self._pin = self.device.type == "cuda"
         # the paper layout on CUDA appends through certkv.kernels.append
         self._append_kernel = self._pin and cfg.paper_layout and head_dim % 64 == 0
+        # layer-steps the decode kernel was tried on and served (CertConfig.decode_kernel)
+        self.kernel_steps = {"tried": 0, "served": 0}
         if recorder is not None:
             recorder.bind(self)
 
@@ -453,8 +455,10 @@ class TieredKVCache:
         out, cert = kernel_step(qg, from_cache(self, layer), scale, st.v_min, st.v_max)  # type: ignore[arg-type]
         cert.tolerance = tolerance(cfg, out)
         cert.accepted = accepts(cfg, cert, cert.tolerance)
+        self.kernel_steps["tried"] += 1
         if not bool(cert.accepted.all()):
             return None
+        self.kernel_steps["served"] += 1
         none = torch.zeros(qg.shape[0], self.num_kv_heads, st.length, dtype=torch.bool, device=qg.device)
         return LadderOutcome(out, cert, none, none.clone())
 

@@ -10,7 +10,9 @@ Tasks (all deterministic from ``seed``):
     ``trials`` prompts per setting (the same prompts for every method).
 Methods: ``dense`` (transformers' own cache and SDPA), and certkv caches given by a ``CertConfig``:
 ``naive`` quantization without fallback (``max_stage=0``: the quantized output is served whatever
-its bound), ``certified`` (defaults), ``certified-strict`` (tolerances 4x tighter), and the
+its bound), ``certified`` (defaults; on CUDA stage 0 through the decode kernel where it certifies),
+``certified-torch`` (the same with stage 0 from the torch path only), ``certified-strict``
+(tolerances 4x tighter), and the
 per-token INT4-key pair ``naive-k4``/``certified-k4`` that an outlier key channel breaks, and
 ``naive@POLICY``/``certified@POLICY`` for any ``certkv.policies`` name (e.g. ``certified@kivi``).
 
@@ -45,6 +47,7 @@ def method_config(name: str, model_config: Any = None, calibrations: tuple[str, 
         "dense": None,
         "naive": CertConfig(max_stage=0),
         "certified": CertConfig(),
+        "certified-torch": CertConfig(decode_kernel="never"),  # stage 0 from the torch path only
         "certified-strict": CertConfig(tv_tol=0.0125, out_tol=0.005, out_rtol=0.0125),
         "naive-k4": CertConfig(max_stage=0, **k4),  # type: ignore[arg-type]
         "certified-k4": CertConfig(**k4),  # type: ignore[arg-type]
@@ -72,6 +75,7 @@ class MethodResult:
     rejected: int = 0
     memory_ratio: float = math.nan
     tokens_per_s: float = math.nan
+    kernel_steps: dict[str, int] = field(default_factory=lambda: {"tried": 0, "served": 0})
 
     @property
     def fallback(self) -> list[float]:
@@ -117,6 +121,7 @@ def _account(res: MethodResult, cache: Any, tokens: int, seconds: float) -> None
         res.stages = [a + b for a, b in zip(res.stages, rep.stages)]
         res.rejected += rep.rejected
         res.memory_ratio = rep.memory.ratio
+        res.kernel_steps = {k: res.kernel_steps[k] + rep.kernel_steps[k] for k in res.kernel_steps}
     res.tokens_per_s = tokens / seconds if seconds > 0 else math.nan
 
 

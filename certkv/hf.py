@@ -104,10 +104,12 @@ class LayerStats:
 
 @dataclass
 class CacheReport:
-    """``CertifiedCache.report()``: per-layer certificate statistics and the tiers' memory."""
+    """``CertifiedCache.report()``: per-layer certificate statistics, the tiers' memory, and the
+    layer-steps the decode kernel was tried on and served (CUDA, ``CertConfig.decode_kernel``)."""
 
     layers: list[LayerStats]
     memory: MemoryReport
+    kernel_steps: dict[str, int] = field(default_factory=lambda: {"tried": 0, "served": 0})
 
     @property
     def stages(self) -> list[int]:
@@ -274,7 +276,8 @@ class CertifiedCache(Cache):
     def report(self) -> CacheReport:
         """Certificate statistics per layer and the tiers' memory (zeros before the first token)."""
         memory = self.tiered.memory_report() if self.tiered is not None else MemoryReport(0, 0, 0, 0)
-        return CacheReport([LayerStats(**vars(s)) for s in self.stats], memory)
+        kernel = dict(self.tiered.kernel_steps) if self.tiered is not None else {"tried": 0, "served": 0}
+        return CacheReport([LayerStats(**vars(s)) for s in self.stats], memory, kernel)
 
 
 def _check_causal(mask: torch.Tensor | None, start: int, t: int) -> None:

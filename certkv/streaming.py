@@ -33,6 +33,8 @@ U16 = 2.0**-11  # unit roundoff of FP16
 # error is absolute).
 ALPHA1 = EXP_REL * 2.0 ** (128 * U32) + math.expm1(128 * U32 * math.log(2)) * 1.01
 BETA1 = 2.0**-125
+LOG1P_ALPHA1 = math.log1p(ALPHA1)
+LOG1P_ALPHA1_BETA1 = math.log1p(ALPHA1 + BETA1)
 LIVE = 2.0**20  # a block is live when its mass exceeds LIVE x its absolute error
 DUST_RADIUS_MAX = 16.0  # above this radius the dust bound e^(2R) D is not used (TV taken as 1)
 
@@ -170,8 +172,8 @@ def certify(
     # ---- the kernel's weights against exact ones: K rescales, nb blocks per split ----
     n_resc = _split(p.resc, g).amax(1).double()  # [BH, G]
     nb = max(p.chunk // blk, -(-n_sink // blk) + -(-n_win // blk), 1)
-    alpha_k = torch.expm1((n_resc + 1) * math.log1p(ALPHA1)) * (1 + 2.0**-40)
-    beta_k = (n_resc + 1) * BETA1 * torch.exp(n_resc * math.log1p(ALPHA1 + BETA1))
+    alpha_k = torch.expm1((n_resc + 1) * LOG1P_ALPHA1) * (1 + 2.0**-40)
+    beta_k = (n_resc + 1) * BETA1 * torch.exp(n_resc * LOG1P_ALPHA1_BETA1)
     comb = gamma(2 * p.splits + 8, U64)
     g_sum = gamma(blk + 2 * nb + 8)  # binary32 running sum l
     g_acc = gamma(blk + 2 * nb + 8, ar.dot_u)  # the value products and their running sum
@@ -188,7 +190,7 @@ def certify(
     v_rel = 2 * ar.step + ar.mag
     v_used = s_w * (1 + v_rel) + ar.abs * l_w  # >= sum W |value operand|
     c_n = (1 + ar.p_rel) * (1 + alpha_k) * (1 + g_acc) * (1 + comb) - 1
-    weight_abs = ((1 + ar.p_rel) * beta_k + ar.p_abs * torch.exp(n_resc * math.log1p(ALPHA1 + BETA1))) * (1 + g_acc)
+    weight_abs = ((1 + ar.p_rel) * beta_k + ar.p_abs * torch.exp(n_resc * LOG1P_ALPHA1_BETA1)) * (1 + g_acc)
     err_n = (c_n * v_used + v_rel * s_w + ar.abs * l_w + n * weight_abs * (vmag_max * (1 + v_rel) + ar.abs)) * (
         1 + 2.0**-40
     )

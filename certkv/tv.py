@@ -111,11 +111,12 @@ def tv_bound(mass: torch.Tensor, radius: torch.Tensor, divisible: bool = False) 
     r_max = radius.amax(-1) + extra
     base = tanh_bound(r_max)
     use = (r_max <= RELAX_MAX_RADIUS) & (mass.sum(-1) > 0)
-    out = base.clone()
-    if not bool(use.any()):
-        return out.clamp(max=1.0)
-    m, r, rm = mass[use], radius[use] + extra, r_max[use]
-    m = m / m.sum(-1, keepdim=True)
+    # every row goes through the relaxation (no host synchronisation, so the function can be captured
+    # or compiled); rows outside its range are computed on clamped inputs and discarded below
+    rm = r_max.clamp(max=RELAX_MAX_RADIUS)
+    r = torch.minimum(radius + extra, rm[:, None])
+    total = mass.sum(-1, keepdim=True)
+    m = torch.where(total > 0, mass / torch.where(total > 0, total, 1.0), 1.0 / n)
     rows, dev = m.shape[0], m.device
     # the HEAVY largest masses keep 0/1 membership (2^HEAVY cases); the rest are binned and relaxed
     k_heavy = 0 if divisible else min(HEAVY, n)
@@ -140,5 +141,5 @@ def tv_bound(mass: torch.Tensor, radius: torch.Tensor, divisible: bool = False) 
     }
     relaxed = _relaxed(problem).reshape(rows, reps).amax(-1)
     slack = 64 * (BINS + HEAVY) * U64 * torch.exp(2 * rm) + 2.0**-45
-    out[use] = torch.minimum(base[use], relaxed.clamp(min=0) + slack)
+    out = torch.where(use, torch.minimum(base, relaxed.clamp(min=0) + slack), base)
     return out.clamp(max=1.0)

@@ -76,6 +76,12 @@ class _Layer:
         return 0 if self.qk is None else self.qk.num_tokens
 
 
+# "auto" serves stage 0 through the decode kernel from this many quantized tokens on: its epilogue costs
+# 7-13 ms whatever the context, the torch path 11 ms at 2K and 48 ms at 128K per layer-step on the
+# H100, and a step the kernel leaves uncertified pays both (docs/benchmarks.md)
+KERNEL_AUTO_TOKENS = 65536
+
+
 class TieredKVCache:
     """A KV cache for ``num_layers`` layers of ``num_kv_heads`` heads of size ``head_dim``.
 
@@ -444,10 +450,12 @@ class TieredKVCache:
         """Stage 0 from the fused decode kernel (``CertConfig.decode_kernel``) when it applies and
         certifies every head; None sends the step to the torch ladder."""
         cfg = self.config
-        if cfg.decode_kernel == "never" or (cfg.decode_kernel == "auto" and self.device.type != "cuda"):
+        if cfg.decode_kernel == "never":
+            return None
+        if cfg.decode_kernel == "auto" and (self.device.type != "cuda" or st.n_quant < KERNEL_AUTO_TOKENS):
             return None
         usable = cfg.paper_layout and self.transform is None and self.head_dim % 64 == 0
-        if not usable or st.promoted or self.recorder is not None or st.qk is None or st.v_min is None:
+        if not usable or self.recorder is not None or st.qk is None or st.v_min is None:
             return None
         from certkv.kernels.decode import from_cache
         from certkv.streaming import kernel_step

@@ -10,8 +10,8 @@ Tasks (all deterministic from ``seed``):
     ``trials`` prompts per setting (the same prompts for every method).
 Methods: ``dense`` (transformers' own cache and SDPA), and certkv caches given by a ``CertConfig``:
 ``naive`` quantization without fallback (``max_stage=0``: the quantized output is served whatever
-its bound), ``certified`` (defaults; on CUDA stage 0 through the decode kernel where it certifies),
-``certified-torch`` (the same with stage 0 from the torch path only), ``certified-strict``
+its bound), ``certified`` (defaults), ``certified-kernel`` / ``certified-torch`` (the same with
+stage 0 always tried on the decode kernel first / from the torch path only), ``certified-strict``
 (tolerances 4x tighter), and the
 per-token INT4-key pair ``naive-k4``/``certified-k4`` that an outlier key channel breaks, and
 ``naive@POLICY``/``certified@POLICY`` for any ``certkv.policies`` name (e.g. ``certified@kivi``).
@@ -47,6 +47,7 @@ def method_config(name: str, model_config: Any = None, calibrations: tuple[str, 
         "dense": None,
         "naive": CertConfig(max_stage=0),
         "certified": CertConfig(),
+        "certified-kernel": CertConfig(decode_kernel="always"),  # stage 0 tried on the kernel at any length
         "certified-torch": CertConfig(decode_kernel="never"),  # stage 0 from the torch path only
         "certified-strict": CertConfig(tv_tol=0.0125, out_tol=0.005, out_rtol=0.0125),
         "naive-k4": CertConfig(max_stage=0, **k4),  # type: ignore[arg-type]

@@ -97,14 +97,16 @@ def certify(
     if (precision, deq16) not in ARITHMETIC:
         raise ValueError(f"precision {precision!r} (deq16={deq16}) has no rounding model: {sorted(ARITHMETIC)}")
     ar = ARITHMETIC[precision, deq16]
-    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, t1.sink_k, t1.win_k)):
+    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, *_exact_parts(t1)[0])):
         raise ValueError("precision 'fp16' rounds operands to FP16: it is certified for FP16 caches and queries only")
     p = partials
     assert p.bframe is not None and p.resc is not None
     b, h, g, d = q.shape
     bh = b * h
-    n_quant, n_sink, n_win = t1.kc.shape[2], t1.sink_k.shape[2], t1.win_k.shape[2]
-    n = n_quant + n_sink + n_win
+    n_quant = t1.kc.shape[2]
+    exact_k, exact_v = _exact_parts(t1)  # sink, window and promoted tokens, in the kernel's block order
+    n_exact = sum(x.shape[2] for x in exact_k)
+    n = n_quant + n_exact  # >= the tokens served (promoted ones are counted twice)
     blk = p.block
     s_up = float(torch.tensor(scale, dtype=torch.float32)) * (1 + 2 * U32)
     absq = q.reshape(bh, g, d).double().abs()
@@ -131,7 +133,7 @@ def certify(
     eps_q = eps_g.repeat_interleave(per_group, -1)
     rho_q = rho_g.repeat_interleave(per_group, -1)
     exact_rho = []
-    for k16 in (t1.sink_k, t1.win_k):  # exact tokens: the dot product's rounding only
+    for k16 in exact_k:  # exact tokens: the dot product's rounding only
         cnt = k16.shape[2]
         if not cnt:
             continue
@@ -171,7 +173,7 @@ def certify(
 
     # ---- the kernel's weights against exact ones: K rescales, nb blocks per split ----
     n_resc = _split(p.resc, g).amax(1).double()  # [BH, G]
-    nb = max(p.chunk // blk, -(-n_sink // blk) + -(-n_win // blk), 1)
+    nb = max(p.chunk // blk, sum(-(-x.shape[2] // blk) for x in exact_k), 1)
     alpha_k = torch.expm1((n_resc + 1) * LOG1P_ALPHA1) * (1 + 2.0**-40)
     beta_k = (n_resc + 1) * BETA1 * torch.exp(n_resc * LOG1P_ALPHA1_BETA1)
     comb = gamma(2 * p.splits + 8, U64)
@@ -202,7 +204,7 @@ def certify(
     eta_hi = eta_blk.amax(1)  # [BH, groups]
     vs = t1.vs.reshape(bh, n_quant, -1)
     eta_lo = (vs.amin(1).float() * RADIUS_FACTOR).double() if n_quant else torch.zeros_like(eta_hi)
-    if n_sink + n_win:
+    if n_exact:
         eta_lo = torch.zeros_like(eta_lo)  # exact tokens carry no value error
     w_eta = torch.einsum("rgb,rbc->rgc", m_up, eta_blk) * inflate(nb_all)  # >= sum W eta
     live_sum = m_live.sum(-1) / (1 + gamma(m_live.shape[-1], U64))
@@ -236,7 +238,7 @@ def certify(
 
     # operands that would overflow the precision, or a non-finite result: nothing is certified
     too_big = (k_used.amax((-1, -2)) > ar.limit) | (vmag_max[:, 0] * (1 + v_rel) > ar.limit)
-    for k16, v16 in ((t1.sink_k, t1.sink_v), (t1.win_k, t1.win_v)):
+    for k16, v16 in zip(exact_k, exact_v):
         if k16.shape[2]:
             big = torch.maximum(k16.abs().reshape(bh, -1).amax(-1), v16.abs().reshape(bh, -1).amax(-1))
             too_big |= big.double() > ar.limit
@@ -298,7 +300,7 @@ def _block_values(t1: object, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
     vmag = [torch.maximum(vz.abs(), (vz + 15 * vs).abs()).amax((-1, -2))]
     radius = (t1.vs.float() * RADIUS_FACTOR).double().reshape(bh, n_quant // blk, blk, -1).amax(2)
     eta = [radius]
-    for v16 in (t1.sink_v, t1.win_v):
+    for v16 in _exact_parts(t1)[1]:
         cnt = v16.shape[2]
         if cnt:
             pad = -(-cnt // blk) * blk - cnt
@@ -306,3 +308,16 @@ def _block_values(t1: object, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
             vmag.append(mag.reshape(bh, -1, blk).amax(-1))
             eta.append(torch.zeros(bh, vmag[-1].shape[1], radius.shape[-1], dtype=torch.float64, device=radius.device))
     return torch.cat(vmag, 1), torch.cat(eta, 1)
+
+
+def _exact_parts(t1: object) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keys and values of the exact tokens in the kernel's block order: sink, window, promoted slots
+    (free slots are zero rows: no weight, no magnitude)."""
+    from certkv.kernels.decode import Tier1
+
+    assert isinstance(t1, Tier1)
+    keys, values = [t1.sink_k, t1.win_k], [t1.sink_v, t1.win_v]
+    if t1.prom_k is not None and t1.prom_v is not None:
+        keys.append(t1.prom_k)
+        values.append(t1.prom_v)
+    return [x for x in keys if x.shape[2]], [x for x in values if x.shape[2]]

@@ -21,6 +21,7 @@ measured against PyTorch SDPA in ``benchmarks/decode_bench.py`` and ``benchmarks
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,10 @@ class Tier1:
     """One layer's Tier-1 tensors, contiguous, KV heads unexpanded (B, H = batch, KV heads; n tokens).
 
     kc uint8 [B, H, n, D]; ks, kz [B, H, n / KEY_GROUP, D]; vc uint8 [B, H, n, D / 2];
-    vs, vz [B, H, n, D / VALUE_GROUP]; sink_k/v and win_k/v [B, H, *, D] (16-bit, possibly empty)."""
+    vs, vz [B, H, n, D / VALUE_GROUP]; sink_k/v and win_k/v [B, H, *, D] (16-bit, possibly empty).
+    Promoted tokens (the cache's adaptive precision): prom_k/v [B, H, P, D] exact copies of quantized
+    tokens, prom_idx [B, H, P] their index among the quantized tokens (-1: free slot) and prom_mask
+    uint8 [B, H, n] (1: promoted, so the quantized copy is skipped)."""
 
     kc: torch.Tensor
     ks: torch.Tensor
@@ -51,6 +55,18 @@ class Tier1:
     sink_v: torch.Tensor
     win_k: torch.Tensor
     win_v: torch.Tensor
+    prom_k: torch.Tensor | None = None
+    prom_v: torch.Tensor | None = None
+    prom_idx: torch.Tensor | None = None
+    prom_mask: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tier1:
+        """The same tensors through ``fn`` (e.g. ``.cpu()``, a head slice)."""
+        return Tier1(**{name: None if x is None else fn(x) for name, x in vars(self).items()})
+
+    @property
+    def n_promoted(self) -> int:
+        return 0 if self.prom_k is None else int(self.prom_k.shape[2])
 
     def quantized_keys(self) -> QuantizedTensor:
         return QuantizedTensor(self.kc, self.ks, self.kz, 8, "token", KEY_GROUP, self.kc.shape[-1])
@@ -60,7 +76,7 @@ class Tier1:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
 
 
 @triton.jit
@@ -119,11 +135,13 @@ def _mma(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, wk_ptr, wv_ptr,
+    pk_ptr, pv_ptr, pidx_ptr, pmask_ptr,
     m_ptr, l_ptr, acc_ptr,
     bmass_ptr, bframe_ptr, resc_ptr,
-    n_quant, n_sink, n_win, chunk, qk_scale, n_blocks,
+    n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks,
     SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr, CERT: tl.constexpr,
+    PROMOTED: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -152,10 +170,17 @@ def _decode_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             k = _dequant_keys(kc, ks, kz, n0, rows, d, D, DT)
             t = _mma(q, tl.trans(k), PRECISION) * qk_scale
-            m_new = tl.maximum(m, tl.max(t, 1))
+            if PROMOTED:  # promoted tokens are served from their exact copies in the last split
+                skip = tl.load(pmask_ptr + bh * n_quant + n0 + rows) != 0
+                t = tl.where(skip[None, :], -float("inf"), t)
+                m_new = tl.maximum(m, tl.max(t, 1))
+                m_frame = tl.where(m_new == -float("inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m, tl.max(t, 1))
+                m_frame = m_new
             # alpha is exactly 1 unless the maximum moved: the certificate counts the rescales
-            alpha = tl.where(m_new > m, tl.exp2(m - m_new), 1.0)
-            p = tl.exp2(t - m_new[:, None])
+            alpha = tl.where(m_new > m, tl.exp2(m - m_frame), 1.0)
+            p = tl.exp2(t - m_frame[:, None])
             block_sum = tl.sum(p, 1)
             l_sum = l_sum * alpha + block_sum
             byte, v_s, v_z = _value_bytes(vc, vs, vz, n0, rows, D, DT)
@@ -174,23 +199,29 @@ def _decode_kernel(
             if CERT:
                 at = (bh * n_blocks + n0 // BLOCK_N) * GP + gi
                 tl.store(bmass_ptr + at, block_sum)
-                tl.store(bframe_ptr + at, m_new)
+                tl.store(bframe_ptr + at, m_frame)
                 resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
             m = m_new
     else:
         first = n_quant // BLOCK_N
-        for seg in tl.static_range(2):
+        for seg in tl.static_range(3 if PROMOTED else 2):
             if seg == 0:
                 kp = sk_ptr + bh * n_sink * D
                 vp = sv_ptr + bh * n_sink * D
                 count = n_sink
-            else:
+            elif seg == 1:
                 kp = wk_ptr + bh * n_win * D
                 vp = wv_ptr + bh * n_win * D
                 count = n_win
+            else:
+                kp = pk_ptr + bh * n_prom * D
+                vp = pv_ptr + bh * n_prom * D
+                count = n_prom
             for n0 in range(0, count, BLOCK_N):
                 tok = n0 + rows
                 ok = tok < count
+                if seg == 2:  # free promotion slots hold no token
+                    ok = ok & (tl.load(pidx_ptr + bh * n_prom + tok, mask=ok, other=-1) >= 0)
                 k = tl.load(kp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 v = tl.load(vp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 t = _mma(q, tl.trans(k), PRECISION) * qk_scale
@@ -211,6 +242,8 @@ def _decode_kernel(
                 m = m_new
             if seg == 0:
                 first += (n_sink + BLOCK_N - 1) // BLOCK_N
+            elif seg == 1:
+                first += (n_win + BLOCK_N - 1) // BLOCK_N
     out = bh * (SPLITS + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
@@ -253,9 +286,10 @@ class Partials:
     resc: torch.Tensor | None = None
 
 
-def block_count(n_quant: int, n_sink: int, n_win: int, block: int) -> int:
-    """Blocks of the certificate's mass table: quantized, then sink, then window blocks."""
-    return n_quant // block + -(-n_sink // block) + -(-n_win // block)
+def block_count(n_quant: int, exact: tuple[int, ...], block: int) -> int:
+    """Blocks of the certificate's mass table: quantized, then sink, window and promoted blocks
+    (``exact``: their token counts)."""
+    return n_quant // block + sum(-(-c // block) for c in exact)
 
 
 def decode_partials(
@@ -292,20 +326,22 @@ def decode_partials(
     m = torch.empty(b * h, s + 1, gp, dtype=torch.float32, device=dev)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b * h, s + 1, gp, d, dtype=torch.float32, device=dev)
-    n_sink, n_win = t1.sink_k.shape[2], t1.win_k.shape[2]
-    nb = block_count(n_quant, n_sink, n_win, block) if cert else 0
+    n_sink, n_win, n_prom = t1.sink_k.shape[2], t1.win_k.shape[2], t1.n_promoted
+    nb = block_count(n_quant, (n_sink, n_win, n_prom), block) if cert else 0
     out = Partials(m, l_sum, acc, block, s, chunk)
     if cert:
         out.bmass = torch.empty(b * h, nb, gp, dtype=torch.float32, device=dev)
         out.bframe = torch.empty_like(out.bmass)
         out.resc = torch.empty(b * h, s + 1, gp, dtype=torch.int32, device=dev)
     stats = [out.bmass, out.bframe, out.resc]
+    prom = [t1.prom_k, t1.prom_v, t1.prom_idx, t1.prom_mask]
     _decode_kernel[(b * h, s + 1)](
         q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
+        *(t1.kc if x is None else x for x in prom),
         m, l_sum, acc, *(m if x is None else x for x in stats),
-        n_quant, n_sink, n_win, chunk, scale * LOG2E, nb,
+        n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb,
         SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
-        CERT=cert, num_warps=num_warps, num_stages=num_stages,
+        CERT=cert, PROMOTED=n_prom > 0, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -329,17 +365,28 @@ def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, 
 
 def decode_reference(q: torch.Tensor, t1: Tier1, scale: float) -> torch.Tensor:
     """The same attention in float64 from the same Tier-1 tensors (dequantized exactly), [B, H, G, D]."""
-    keys, values = _exact_tokens(t1)
-    w = torch.softmax(scale * torch.matmul(q.double(), keys.transpose(-1, -2)), dim=-1)
+    keys, values, served = _exact_tokens(t1)
+    t = scale * torch.matmul(q.double(), keys.transpose(-1, -2))
+    w = torch.softmax(torch.where(served[:, :, None, :], t, -math.inf), dim=-1)
     return torch.matmul(w, values)
 
 
-def _exact_tokens(t1: Tier1) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_tokens(t1: Tier1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values [B, H, N, D] in the kernel's order (quantized, sink, window, promoted slots),
+    float64 and exact, and which of them a step serves [B, H, N] (not the quantized copies of promoted
+    tokens, not free promotion slots)."""
     kc, ks, kz = t1.quantized_keys().exact_parts()
     vc, vs, vz = t1.quantized_values().exact_parts()
-    keys = torch.cat([kc * ks + kz, t1.sink_k.double(), t1.win_k.double()], dim=2)
-    values = torch.cat([vc * vs + vz, t1.sink_v.double(), t1.win_v.double()], dim=2)
-    return keys, values
+    keys = [kc * ks + kz, t1.sink_k.double(), t1.win_k.double()]
+    values = [vc * vs + vz, t1.sink_v.double(), t1.win_v.double()]
+    b, h, n_quant = t1.kc.shape[:3]
+    served = [torch.ones(b, h, n_quant + t1.sink_k.shape[2] + t1.win_k.shape[2], dtype=torch.bool, device=kc.device)]
+    if t1.prom_k is not None and t1.prom_v is not None and t1.prom_idx is not None and t1.prom_mask is not None:
+        keys.append(t1.prom_k.double())
+        values.append(t1.prom_v.double())
+        served[0][:, :, :n_quant] = t1.prom_mask == 0
+        served.append(t1.prom_idx >= 0)
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(served, dim=2)
 
 
 def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64) -> Partials:
@@ -349,11 +396,13 @@ def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64
     b, h, g, d = q.shape
     bh = b * h
     n_quant, n_sink, n_win = t1.kc.shape[2], t1.sink_k.shape[2], t1.win_k.shape[2]
-    keys, values = _exact_tokens(t1)
-    keys, values = keys.reshape(bh, -1, d), values.reshape(bh, -1, d)
+    keys, values, served = _exact_tokens(t1)
+    keys, values, served = keys.reshape(bh, -1, d), values.reshape(bh, -1, d), served.reshape(bh, 1, -1)
     t = scale * LOG2E * torch.einsum("rgd,rnd->rgn", q.double().reshape(bh, g, d), keys)
+    t = torch.where(served, t, -math.inf)
     spans = [(0, n_quant)] if n_quant else []
-    spans += [(n_quant, n_quant + n_sink), (n_quant + n_sink, n_quant + n_sink + n_win)]
+    ends = [n_quant + n_sink, n_quant + n_sink + n_win, n_quant + n_sink + n_win + t1.n_promoted]
+    spans += [(lo, hi) for lo, hi in zip([n_quant, *ends[:-1]], ends)]
     splits = 1 if n_quant else 0
     m = torch.full((bh, splits + 1, g), -math.inf, dtype=torch.float64)
     l_sum, resc = torch.zeros_like(m), torch.zeros_like(m)
@@ -364,13 +413,14 @@ def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64
         for n0 in range(lo, hi, block):
             sl = slice(n0, min(n0 + block, hi))
             m_new = torch.maximum(m[:, s], t[:, :, sl].amax(-1))
-            alpha = torch.exp2(m[:, s] - m_new)
-            p = torch.exp2(t[:, :, sl] - m_new[..., None])
+            frame = torch.where(torch.isinf(m_new), 0.0, m_new)
+            alpha = torch.where(m_new > m[:, s], torch.exp2(m[:, s] - frame), 1.0)
+            p = torch.exp2(t[:, :, sl] - frame[..., None])
             resc[:, s] += (m_new > m[:, s]) & ~torch.isinf(m[:, s])
             l_sum[:, s] = l_sum[:, s] * alpha + p.sum(-1)
             acc[:, s] = acc[:, s] * alpha[..., None] + torch.einsum("rgn,rnd->rgd", p, values[:, sl])
             bmass.append(p.sum(-1))
-            bframe.append(m_new)
+            bframe.append(frame)
             m[:, s] = m_new
     return Partials(
         m, l_sum, acc, block, splits, n_quant,
@@ -387,15 +437,20 @@ def from_cache(cache: object, layer: int) -> Tier1:
     cfg = cache.config
     if not cfg.paper_layout:
         raise ValueError("the decode kernel implements the paper layout (CertConfig() defaults) only")
-    if st.promoted:
-        raise ValueError("promoted tokens are not handled by the decode kernel yet")
     assert st.qk is not None and st.qv is not None
     empty = st.qk.scale.new_zeros(*st.qk.codes.shape[:2], 0, st.qk.codes.shape[-1])
 
     def exact(x: torch.Tensor | None) -> torch.Tensor:
         return empty if x is None else x
 
-    return Tier1(
+    t1 = Tier1(
         st.qk.codes, st.qk.scale, st.qk.zero, st.qv.codes, st.qv.scale, st.qv.zero,
         exact(st.sink_k), exact(st.sink_v), exact(st.win_k), exact(st.win_v),
     )  # fmt: skip
+    if st.promoted:
+        idx = st.promoted["idx"]
+        mask = torch.zeros(st.qk.codes.shape[:3], dtype=torch.uint8, device=idx.device)
+        b, h, slot = (idx >= 0).nonzero(as_tuple=True)
+        mask[b, h, idx[b, h, slot]] = 1
+        t1.prom_k, t1.prom_v, t1.prom_idx, t1.prom_mask = st.promoted["k"], st.promoted["v"], idx, mask
+    return t1

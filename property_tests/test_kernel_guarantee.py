@@ -1,6 +1,7 @@
 """The decode kernel's streamed certificate against the exact reference on drawn caches: every
-certified precision, GQA group, split count and the hard logit cases of the core suite. The kernel
-runs in Triton's interpreter on the CPU; a quarter of the profile's examples (it is the slowest suite)."""
+certified precision, GQA group, split count and the hard logit cases of the core suite, with and
+without promoted tokens. The kernel runs in Triton's interpreter on the CPU; a quarter of the
+profile's examples (it is the slowest suite)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,15 @@ def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None]:
         q_scale=draw(st.sampled_from((0.1, 1.0, 3.0, 10.0))),
         seed=draw(st.integers(0, 2**31 - 1)),
         config=certkv.CertConfig(
-            max_stage=0, window=draw(st.sampled_from((0, 16, 128))), sinks=draw(st.integers(0, 4))
+            window=draw(st.sampled_from((0, 16, 128))),
+            sinks=draw(st.integers(0, 4)),
+            # promotion: two earlier steps served by the torch ladder; at out_tol 0 every head fetches
+            # rows, and promote_after=1 promotes them (at 1e9 nothing is fetched or promoted)
+            promote_after=1,
+            out_tol=draw(st.sampled_from((0.0, 1e9))),
+            out_rtol=0.0,
+            max_stage=2,
+            decode_kernel="never",
         ),
     )
     return sc, launch, draw(st.sampled_from((None, 1, 2, 5)))
@@ -59,6 +68,8 @@ def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, st
     layer = cache._layers[0]
     if layer.qk is None:
         return  # fewer tokens than one key group beyond the window: nothing for the kernel
+    for shift in (1, 2):
+        cache.attend(0, torch.roll(q, shift, dims=-1))
     options = dict(LAUNCHES[launch])
     precision = launch.split("-")[0]
     t1 = from_cache(cache, 0)

@@ -89,7 +89,7 @@ def test_kernel_statistics_give_the_certificate_of_exact_statistics(dtype, preci
 
 
 def on_cpu(t1: Tier1) -> Tier1:
-    return Tier1(*(t.cpu() for t in vars(t1).values()))
+    return t1.map(lambda t: t.cpu())
 
 
 def test_no_exact_tokens():
@@ -141,7 +141,13 @@ def test_cache_serves_stage0_from_the_kernel_and_falls_back_to_the_torch_ladder(
     assert torch.equal(served.output, out.reshape(1, 4, 1, 128))  # the kernel's output, not the torch path's
     assert torch.equal(served.certificate.output_bound, cert.output_bound.reshape(1, 4, 1))
     assert bool((served.certificate.stage == 0).all() and served.certificate.accepted.all())
+    assert cache.kernel_steps == {"tried": 1, "served": 1}
     assert_sound(cache, 0, q.cpu(), served)
+    # "auto" leaves short contexts (and the CPU) to the torch path
+    auto = certkv.TieredKVCache(1, 2, 128, config=certkv.CertConfig(out_tol=1.0, tv_tol=1.0), device=DEVICE)
+    auto.append(0, k.to(DEVICE), v.to(DEVICE))
+    auto.attend(0, q)
+    assert auto.kernel_steps == {"tried": 0, "served": 0}
     # a tolerance the streamed certificate misses: the torch ladder serves the step (dense here)
     tight = certkv.CertConfig(decode_kernel="always", out_tol=0.02)
     cache = certkv.TieredKVCache(1, 2, 128, config=tight, device=DEVICE)
@@ -154,3 +160,28 @@ def test_cache_serves_stage0_from_the_kernel_and_falls_back_to_the_torch_ladder(
 def test_decode_kernel_mode_is_validated():
     with pytest.raises(certkv.errors.ConfigError, match="decode_kernel"):
         certkv.CertConfig(decode_kernel="sometimes")
+
+
+def test_promoted_tokens_are_served_from_their_exact_copies():
+    # promote_after=1 and a tolerance the quantized step misses: the torch ladder fetches rows and
+    # promotes them; the kernel then skips their quantized copies and serves the exact ones
+    k, v = make_kv(b=2, hkv=2, n=600, d=128, dtype=torch.float16, seed=7, outlier=6.0)
+    cfg = certkv.CertConfig(promote_after=1, out_tol=0.002, out_rtol=0.0, max_stage=2)
+    cache = certkv.TieredKVCache(1, 2, 128, config=cfg, device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    for seed in range(3):
+        cache.attend(0, make_q(b=2, hq=4, d=128, dtype=torch.float16, seed=seed).to(DEVICE))
+    counts = cache.promoted_count(0)
+    assert int(counts.min()) > 0
+    t1 = from_cache(cache, 0)
+    assert t1.prom_mask is not None and int(t1.prom_mask.sum()) == int(counts.sum())
+    q = make_q(b=2, hq=4, d=128, dtype=torch.float16, seed=11).to(DEVICE)
+    for precision in ("ieee", "fp16"):
+        assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, precision, splits=2, block=32))
+    # the float64 references agree with the kernel on which tokens are served
+    qg = q.reshape(2, 2, 2, 128)
+    got = decode_partials(qg, t1, SCALE, 2, precision="ieee", block=32)
+    from certkv.kernels.decode import combine, decode_reference
+
+    want = decode_reference(qg.cpu(), on_cpu(t1), SCALE)
+    assert float((combine(got, 2).reshape(want.shape).double().cpu() - want).abs().max()) < 2e-6

@@ -33,7 +33,6 @@ U16 = 2.0**-11  # unit roundoff of FP16
 # error is absolute).
 ALPHA1 = EXP_REL * 2.0 ** (128 * U32) + math.expm1(128 * U32 * math.log(2)) * 1.01
 BETA1 = 2.0**-125
-LOG1P_ALPHA1 = math.log1p(ALPHA1)
 LOG1P_ALPHA1_BETA1 = math.log1p(ALPHA1 + BETA1)
 LIVE = 2.0**20  # a block is live when its mass exceeds LIVE x its absolute error
 DUST_RADIUS_MAX = 16.0  # above this radius the dust bound e^(2R) D is not used (TV taken as 1)
@@ -66,6 +65,17 @@ ARITHMETIC = {
     ("fp16", False): Arithmetic(U32, U16 + 2.01 * U32, 2.0**-24, U16, 2.0**-25, 65504.0, TC_U),
     ("fp16", True): Arithmetic(U16, 1.001 * U16, 2.0**-24, U16, 2.0**-25, 65504.0, TC_U),
 }
+
+
+def product_error(
+    factors: torch.Tensor, alpha1: float = ALPHA1, beta1: float = BETA1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relative, absolute) error of a product of ``factors`` computed factors, each within
+    alpha1 * f + beta1 of an exact f in [0, 1]: |prod f~ - prod f| <= ((1 + alpha1)^k - 1) prod f
+    + k beta1 (1 + alpha1 + beta1)^(k-1) (proofs/ lemma 9). float64, rounded up."""
+    rel = torch.expm1(factors * math.log1p(alpha1)) * (1 + 2.0**-40)
+    absolute = factors * beta1 * torch.exp((factors - 1) * math.log1p(alpha1 + beta1)) * (1 + 2.0**-40)
+    return rel, absolute
 
 
 def _upper(computed: torch.Tensor, rel: float | torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
@@ -174,8 +184,7 @@ def certify(
     # ---- the kernel's weights against exact ones: K rescales, nb blocks per split ----
     n_resc = _split(p.resc, g).amax(1).double()  # [BH, G]
     nb = max(p.chunk // blk, sum(-(-x.shape[2] // blk) for x in exact_k), 1)
-    alpha_k = torch.expm1((n_resc + 1) * LOG1P_ALPHA1) * (1 + 2.0**-40)
-    beta_k = (n_resc + 1) * BETA1 * torch.exp(n_resc * LOG1P_ALPHA1_BETA1)
+    alpha_k, beta_k = product_error(n_resc + 1)
     comb = gamma(2 * p.splits + 8, U64)
     g_sum = gamma(blk + 2 * nb + 8)  # binary32 running sum l
     g_acc = gamma(blk + 2 * nb + 8, ar.dot_u)  # the value products and their running sum

@@ -15,11 +15,12 @@ from proofs import (
     lemma_quant_radius,
     lemma_rounding,
     lemma_softmax,
+    lemma_streaming,
     lemma_transforms,
 )
 
 LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_rounding, lemma_ladder,
-          lemma_codebook, lemma_transforms)  # fmt: skip
+          lemma_codebook, lemma_transforms, lemma_streaming)  # fmt: skip
 
 
 def main() -> int:

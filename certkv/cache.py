@@ -133,8 +133,9 @@ class TieredKVCache:
             for i in range(num_layers)
         ]
         self._pin = self.device.type == "cuda"
-        # the paper layout on CUDA appends through certkv.kernels.append
-        self._append_kernel = self._pin and cfg.paper_layout and head_dim % 64 == 0
+        # the Triton kernels implement the paper layout; on CUDA appends go through certkv.kernels.append
+        self._kernel_layout = cfg.paper_layout and head_dim % 64 == 0
+        self._append_kernel = self._pin and self._kernel_layout
         # layer-steps the decode kernel was tried on and served (CertConfig.decode_kernel)
         self.kernel_steps = {"tried": 0, "served": 0}
         if recorder is not None:
@@ -454,8 +455,8 @@ class TieredKVCache:
             return None
         if cfg.decode_kernel == "auto" and (self.device.type != "cuda" or st.n_quant < KERNEL_AUTO_TOKENS):
             return None
-        usable = cfg.paper_layout and self.transform is None and self.head_dim % 64 == 0
-        if not usable or self.recorder is not None or st.qk is None or st.v_min is None:
+        usable = self._kernel_layout and self.transform is None and self.recorder is None
+        if not usable or st.qk is None or st.v_min is None:
             return None
         from certkv.kernels.decode import from_cache
         from certkv.streaming import kernel_step

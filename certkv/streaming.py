@@ -2,7 +2,7 @@
 
 The kernel (``certkv.kernels.decode``, ``cert=True``) reads each Tier-1 byte once and leaves, beside
 its online-softmax partials, per block of tokens the sum of its binary32 weights and the frame they
-were computed in, and per split a few weighted sums (docs/theory.md section 8). This module turns
+were computed in, and per split the rescales of its running sums (docs/theory.md section 8). This module turns
 them into the same guarantee as ``certkv.attention.certified_step``: for each (batch row, query head)
 
     output_bound >= max_j |output_j - o_j|,  o = exact attention over the FP16/BF16 originals,
@@ -59,9 +59,10 @@ class Arithmetic:
 # binary32 dequantization, products on FMAs ("ieee" and "fma" run on the CUDA cores); FP16 operands on
 # tensor cores (TC_U), dequantized in FP16 (deq16: two FP16 roundings) or in binary32 and rounded to
 # FP16 once; FP16 subnormals are absolute errors (2^-25 per rounding)
+BINARY32 = Arithmetic(U32, 1.0001 * U32, 2.0**-148, 0.0, 0.0, math.inf, U32)
 ARITHMETIC = {
-    ("ieee", False): Arithmetic(U32, 1.0001 * U32, 2.0**-148, 0.0, 0.0, math.inf, U32),
-    ("fma", False): Arithmetic(U32, 1.0001 * U32, 2.0**-148, 0.0, 0.0, math.inf, U32),
+    ("ieee", False): BINARY32,
+    ("fma", False): BINARY32,
     ("fp16", False): Arithmetic(U32, U16 + 2.01 * U32, 2.0**-24, U16, 2.0**-25, 65504.0, TC_U),
     ("fp16", True): Arithmetic(U16, 1.001 * U16, 2.0**-24, U16, 2.0**-25, 65504.0, TC_U),
 }
@@ -83,8 +84,10 @@ def _upper(computed: torch.Tensor, rel: float | torch.Tensor, absolute: torch.Te
     return (computed + absolute) * inflate(4) / (1 - rel)
 
 
-def _split(x: torch.Tensor, g: int) -> torch.Tensor:
-    return x[..., :g]
+def _block_max(x: torch.Tensor, blk: int) -> torch.Tensor:
+    """Max over consecutive blocks of ``blk`` along the last dim (zero-padded to whole blocks; x >= 0)."""
+    pad = -x.shape[-1] % blk
+    return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, blk)).amax(-1)
 
 
 def certify(
@@ -101,32 +104,32 @@ def certify(
     """Output [B, H, G, D] in ``out_dtype`` and its certificate (fields [B, H, G]) for q [B, H, G, D]
     over ``t1`` (``certkv.kernels.decode.Tier1``) from ``partials`` (``decode_partials(cert=True)``).
     v_min, v_max [B, H, D]: the range of the original values over all tokens (the cache keeps it)."""
-    from certkv.kernels.decode import KEY_GROUP, VALUE_GROUP, Partials, Tier1
+    from certkv.kernels.decode import KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
 
     assert isinstance(t1, Tier1) and isinstance(partials, Partials) and partials.bmass is not None
     if (precision, deq16) not in ARITHMETIC:
         raise ValueError(f"precision {precision!r} (deq16={deq16}) has no rounding model: {sorted(ARITHMETIC)}")
     ar = ARITHMETIC[precision, deq16]
-    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, *_exact_parts(t1)[0])):
+    segments = [(sk, sv) for sk, sv in t1.exact_segments() if sk.shape[2]]  # sink, window, promoted
+    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, *(sk for sk, _ in segments))):
         raise ValueError("precision 'fp16' rounds operands to FP16: it is certified for FP16 caches and queries only")
     p = partials
     assert p.bframe is not None and p.resc is not None
     b, h, g, d = q.shape
     bh = b * h
     n_quant = t1.kc.shape[2]
-    exact_k, exact_v = _exact_parts(t1)  # sink, window and promoted tokens, in the kernel's block order
-    n_exact = sum(x.shape[2] for x in exact_k)
+    n_exact = sum(sk.shape[2] for sk, _ in segments)
     n = n_quant + n_exact  # >= the tokens served (promoted ones are counted twice)
     blk = p.block
     s_up = float(torch.tensor(scale, dtype=torch.float32)) * (1 + 2 * U32)
     absq = q.reshape(bh, g, d).double().abs()
 
     # ---- combine the splits in float64: y = acc / l over exact weights W_i = 2^(t_i - top) ----
-    m = _split(p.m.double(), g)  # [BH, S+1, G]
+    m = p.m[:, :, :g].double()  # [BH, S+1, G]
     top = m.amax(1)  # the largest computed logit: its token has W = 1, so L = sum W >= 1
     w = torch.where(torch.isinf(m), torch.zeros_like(m), torch.exp2(m - top[:, None]))
     acc = (w[..., None] * p.acc[:, :, :g].double()).sum(1)  # [BH, G, D]
-    l_sum = (w * _split(p.l.double(), g)).sum(1)
+    l_sum = (w * p.l[:, :, :g].double()).sum(1)
     y = acc / l_sum[..., None]
     out = y.to(out_dtype)
 
@@ -142,16 +145,12 @@ def certify(
     per_group = KEY_GROUP // blk
     eps_q = eps_g.repeat_interleave(per_group, -1)
     rho_q = rho_g.repeat_interleave(per_group, -1)
-    exact_rho = []
-    for k16 in exact_k:  # exact tokens: the dot product's rounding only
-        cnt = k16.shape[2]
-        if not cnt:
-            continue
-        kk = k16.double().abs().reshape(bh, cnt, d)
-        r = s_up * torch.einsum("rgd,rkd->rgk", absq, kk) * q_dot * inflate(d)  # operands exact (FP16 in FP16)
-        pad = -(-cnt // blk) * blk - cnt
-        r = torch.nn.functional.pad(r, (0, pad)).reshape(bh, g, -1, blk).amax(-1)
-        exact_rho.append(r)
+    exact_rho = [  # exact tokens: the dot product's rounding only (operands exact: FP16 stays FP16)
+        _block_max(s_up * torch.einsum("rgd,rkd->rgk", absq, sk.double().abs().reshape(bh, -1, d)), blk)
+        * q_dot
+        * inflate(d)
+        for sk, _ in segments
+    ]
     rho = torch.cat([rho_q, *exact_rho], dim=-1)  # [BH, G, NB]
     eps = torch.cat([eps_q, *(torch.zeros_like(r) for r in exact_rho)], dim=-1)
     r_p = (eps + rho) * (1 + 2 * U64)  # original vs computed logits
@@ -182,8 +181,8 @@ def certify(
     tv_hat = torch.minimum(tanh_bound(rh_max), tv_0 + tv_h + (1 + grow_h) * dust).clamp(max=1.0)
 
     # ---- the kernel's weights against exact ones: K rescales, nb blocks per split ----
-    n_resc = _split(p.resc, g).amax(1).double()  # [BH, G]
-    nb = max(p.chunk // blk, sum(-(-x.shape[2] // blk) for x in exact_k), 1)
+    n_resc = p.resc[:, :, :g].amax(1).double()  # [BH, G]
+    nb = max(p.chunk // blk, block_count(0, tuple(sk.shape[2] for sk, _ in segments), blk), 1)
     alpha_k, beta_k = product_error(n_resc + 1)
     comb = gamma(2 * p.splits + 8, U64)
     g_sum = gamma(blk + 2 * nb + 8)  # binary32 running sum l
@@ -194,7 +193,7 @@ def certify(
     # per block: the largest |v_hat| and value radius per channel group (exact tokens: |v|, 0);
     # sums over tokens weighted by W are bounded through the blocks' exact masses M* <= m_up
     m_up = (mass + b_abs) / (1 - c1) * (1 + 2.0**-40)  # [BH, G, NB]
-    vmag_blk, eta_blk = _block_values(t1, blk)  # [BH, NB], [BH, NB, groups]
+    vmag_blk, eta_blk = _block_values(t1, [sv for _, sv in segments], blk)  # [BH, NB], [BH, NB, groups]
     vmag_max = vmag_blk.amax(-1)[:, None]  # [BH, 1]
     s_w = (m_up * vmag_blk[:, None, :]).sum(-1) * inflate(nb_all)  # >= sum W |v_hat|
     # |operand - v_hat| <= step 15|s| + mag |v_hat|max + abs, and 15|s| <= |z| + |z + 15 s| <= 2 vmag
@@ -247,10 +246,9 @@ def certify(
 
     # operands that would overflow the precision, or a non-finite result: nothing is certified
     too_big = (k_used.amax((-1, -2)) > ar.limit) | (vmag_max[:, 0] * (1 + v_rel) > ar.limit)
-    for k16, v16 in zip(exact_k, exact_v):
-        if k16.shape[2]:
-            big = torch.maximum(k16.abs().reshape(bh, -1).amax(-1), v16.abs().reshape(bh, -1).amax(-1))
-            too_big |= big.double() > ar.limit
+    for sk, sv in segments:
+        big = torch.maximum(sk.abs().reshape(bh, -1).amax(-1), sv.abs().reshape(bh, -1).amax(-1))
+        too_big |= big.double() > ar.limit
     broken = too_big[:, None] | ~torch.isfinite(y).all(-1) | ~(l_sum > 0) | ~torch.isfinite(total_j).all(-1)
     inf = torch.full_like(tv_key, math.inf)
 
@@ -267,8 +265,8 @@ def certify(
         rounding_term=field(round_j.amax(-1)),
         output_bound=field(total_j.amax(-1)),
         stage=never.clone(),
-        tv_tanh=tanh_bound(r_p.amax(-1)).reshape(b, h, g),
-        logit_radius=r_p.amax(-1).reshape(b, h, g),
+        tv_tanh=tanh_bound(rp_max).reshape(b, h, g),
+        logit_radius=rp_max.reshape(b, h, g),
         tolerance=zeros,
         accepted=torch.zeros(b, h, g, dtype=torch.bool, device=q.device),
         fetched_values=never.clone(),
@@ -296,10 +294,11 @@ def kernel_step(
     return certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype)
 
 
-def _block_values(t1: object, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of ``blk`` tokens in the kernel's order (quantized, sink, window), float64: the largest
-    |v_hat| of its tokens [BH, NB] (max(|z|, |z + 15 s|) per channel group, exact for 16-bit s and z)
-    and the largest value radius per channel group [BH, NB, D/64] (0 for exact tokens)."""
+def _block_values(t1: object, exact_v: list[torch.Tensor], blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``blk`` tokens in the kernel's order (quantized, then ``exact_v``: the non-empty
+    sink, window and promoted values), float64: the largest |v_hat| of its tokens [BH, NB]
+    (max(|z|, |z + 15 s|) per channel group, exact for 16-bit s and z) and the largest value radius
+    per channel group [BH, NB, D/64] (0 for exact tokens)."""
     from certkv.kernels.decode import Tier1
 
     assert isinstance(t1, Tier1)
@@ -307,26 +306,7 @@ def _block_values(t1: object, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
     bh = b * h
     vs, vz = t1.vs.double().reshape(bh, n_quant // blk, blk, -1), t1.vz.double().reshape(bh, n_quant // blk, blk, -1)
     vmag = [torch.maximum(vz.abs(), (vz + 15 * vs).abs()).amax((-1, -2))]
+    vmag += [_block_max(sv.double().abs().amax(-1).reshape(bh, -1), blk) for sv in exact_v]
     radius = (t1.vs.float() * RADIUS_FACTOR).double().reshape(bh, n_quant // blk, blk, -1).amax(2)
-    eta = [radius]
-    for v16 in _exact_parts(t1)[1]:
-        cnt = v16.shape[2]
-        if cnt:
-            pad = -(-cnt // blk) * blk - cnt
-            mag = torch.nn.functional.pad(v16.double().abs().amax(-1).reshape(bh, cnt), (0, pad))
-            vmag.append(mag.reshape(bh, -1, blk).amax(-1))
-            eta.append(torch.zeros(bh, vmag[-1].shape[1], radius.shape[-1], dtype=torch.float64, device=radius.device))
-    return torch.cat(vmag, 1), torch.cat(eta, 1)
-
-
-def _exact_parts(t1: object) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Keys and values of the exact tokens in the kernel's block order: sink, window, promoted slots
-    (free slots are zero rows: no weight, no magnitude)."""
-    from certkv.kernels.decode import Tier1
-
-    assert isinstance(t1, Tier1)
-    keys, values = [t1.sink_k, t1.win_k], [t1.sink_v, t1.win_v]
-    if t1.prom_k is not None and t1.prom_v is not None:
-        keys.append(t1.prom_k)
-        values.append(t1.prom_v)
-    return [x for x in keys if x.shape[2]], [x for x in values if x.shape[2]]
+    zeros = radius.new_zeros(bh, sum(x.shape[1] for x in vmag[1:]), radius.shape[-1])
+    return torch.cat(vmag, 1), torch.cat([radius, zeros], 1)

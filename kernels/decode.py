@@ -20,6 +20,7 @@ measured against PyTorch SDPA in ``benchmarks/decode_bench.py`` and ``benchmarks
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,14 @@ class Tier1:
     @property
     def n_promoted(self) -> int:
         return 0 if self.prom_k is None else int(self.prom_k.shape[2])
+
+    def exact_segments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) of the exact tokens in the kernel's order after the quantized ones: sink,
+        window, promoted slots (free slots are zero rows); each possibly empty."""
+        segments = [(self.sink_k, self.sink_v), (self.win_k, self.win_v)]
+        if self.prom_k is not None and self.prom_v is not None:
+            segments.append((self.prom_k, self.prom_v))
+        return segments
 
     def quantized_keys(self) -> QuantizedTensor:
         return QuantizedTensor(self.kc, self.ks, self.kz, 8, "token", KEY_GROUP, self.kc.shape[-1])
@@ -327,7 +336,7 @@ def decode_partials(
     l_sum = torch.empty_like(m)
     acc = torch.empty(b * h, s + 1, gp, d, dtype=torch.float32, device=dev)
     n_sink, n_win, n_prom = t1.sink_k.shape[2], t1.win_k.shape[2], t1.n_promoted
-    nb = block_count(n_quant, (n_sink, n_win, n_prom), block) if cert else 0
+    nb = block_count(n_quant, tuple(sk.shape[2] for sk, _ in t1.exact_segments()), block) if cert else 0
     out = Partials(m, l_sum, acc, block, s, chunk)
     if cert:
         out.bmass = torch.empty(b * h, nb, gp, dtype=torch.float32, device=dev)
@@ -377,16 +386,15 @@ def _exact_tokens(t1: Tier1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, not free promotion slots)."""
     kc, ks, kz = t1.quantized_keys().exact_parts()
     vc, vs, vz = t1.quantized_values().exact_parts()
-    keys = [kc * ks + kz, t1.sink_k.double(), t1.win_k.double()]
-    values = [vc * vs + vz, t1.sink_v.double(), t1.win_v.double()]
-    b, h, n_quant = t1.kc.shape[:3]
-    served = [torch.ones(b, h, n_quant + t1.sink_k.shape[2] + t1.win_k.shape[2], dtype=torch.bool, device=kc.device)]
-    if t1.prom_k is not None and t1.prom_v is not None and t1.prom_idx is not None and t1.prom_mask is not None:
-        keys.append(t1.prom_k.double())
-        values.append(t1.prom_v.double())
-        served[0][:, :, :n_quant] = t1.prom_mask == 0
-        served.append(t1.prom_idx >= 0)
-    return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(served, dim=2)
+    segments = t1.exact_segments()
+    keys = torch.cat([kc * ks + kz, *(sk.double() for sk, _ in segments)], dim=2)
+    values = torch.cat([vc * vs + vz, *(sv.double() for _, sv in segments)], dim=2)
+    served = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    if t1.prom_idx is not None and t1.prom_mask is not None:
+        n_quant, n_prom = t1.kc.shape[2], t1.n_promoted
+        served[:, :, :n_quant] = t1.prom_mask == 0
+        served[:, :, keys.shape[2] - n_prom :] = t1.prom_idx >= 0
+    return keys, values, served
 
 
 def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64) -> Partials:
@@ -395,14 +403,13 @@ def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64
     every statistic would be without rounding (tests compare certificates from both)."""
     b, h, g, d = q.shape
     bh = b * h
-    n_quant, n_sink, n_win = t1.kc.shape[2], t1.sink_k.shape[2], t1.win_k.shape[2]
+    n_quant = t1.kc.shape[2]
     keys, values, served = _exact_tokens(t1)
     keys, values, served = keys.reshape(bh, -1, d), values.reshape(bh, -1, d), served.reshape(bh, 1, -1)
     t = scale * LOG2E * torch.einsum("rgd,rnd->rgn", q.double().reshape(bh, g, d), keys)
     t = torch.where(served, t, -math.inf)
-    spans = [(0, n_quant)] if n_quant else []
-    ends = [n_quant + n_sink, n_quant + n_sink + n_win, n_quant + n_sink + n_win + t1.n_promoted]
-    spans += [(lo, hi) for lo, hi in zip([n_quant, *ends[:-1]], ends)]
+    ends = list(itertools.accumulate((sk.shape[2] for sk, _ in t1.exact_segments()), initial=n_quant))
+    spans = ([(0, n_quant)] if n_quant else []) + list(itertools.pairwise(ends))
     splits = 1 if n_quant else 0
     m = torch.full((bh, splits + 1, g), -math.inf, dtype=torch.float64)
     l_sum, resc = torch.zeros_like(m), torch.zeros_like(m)
@@ -448,9 +455,6 @@ def from_cache(cache: object, layer: int) -> Tier1:
         exact(st.sink_k), exact(st.sink_v), exact(st.win_k), exact(st.win_v),
     )  # fmt: skip
     if st.promoted:
-        idx = st.promoted["idx"]
-        mask = torch.zeros(st.qk.codes.shape[:3], dtype=torch.uint8, device=idx.device)
-        b, h, slot = (idx >= 0).nonzero(as_tuple=True)
-        mask[b, h, idx[b, h, slot]] = 1
-        t1.prom_k, t1.prom_v, t1.prom_idx, t1.prom_mask = st.promoted["k"], st.promoted["v"], idx, mask
+        t1.prom_k, t1.prom_v, t1.prom_idx = st.promoted["k"], st.promoted["v"], st.promoted["idx"]
+        t1.prom_mask = cache._promoted_mask(st).to(torch.uint8)
     return t1

@@ -12,13 +12,11 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from certkv.kernels.decode import decode_partials, from_cache
 
 import certkv
-from certkv.certificate import AttentionResult, Certificate
 from certkv.reference.verify import verify_step
-from certkv.streaming import certify
 from property_tests.strategies import MODES, Scenario
+from tests.helpers import kernel_result
 
 LAUNCHES = {
     "ieee": {"block": 64},
@@ -70,21 +68,7 @@ def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, st
         return  # fewer tokens than one key group beyond the window: nothing for the kernel
     for shift in (1, 2):
         cache.attend(0, torch.roll(q, shift, dims=-1))
-    options = dict(LAUNCHES[launch])
-    precision = launch.split("-")[0]
-    t1 = from_cache(cache, 0)
-    qg = q.reshape(sc.batch, sc.kv_heads, sc.group, 128)
-    partials = decode_partials(qg, t1, 128**-0.5, splits, precision=precision, cert=True, **options)
-    out, cert = certify(qg, t1, partials, 128**-0.5, precision, layer.v_min, layer.v_max, q.dtype,
-                        bool(options.get("deq16", False)))  # fmt: skip
-    hq = sc.kv_heads * sc.group
-    none = torch.zeros(sc.batch, sc.kv_heads, layer.length, dtype=torch.bool)
-    result = AttentionResult(
-        out.reshape(sc.batch, hq, 1, 128),
-        Certificate(**{f: x.reshape(sc.batch, hq, 1) for f, x in cert.to_dict().items()}),
-        none,
-        none,
-    )
+    result = kernel_result(cache, q, launch.split("-")[0], splits, **LAUNCHES[launch])
     checks = verify_step(q, *cache.originals(0), *cache.dequantized_exact(0), result)
     bad = [c for c in checks if c.violations]
     assert not bad, f"violated {bad[0].violations}: claimed {bad[0].claimed} exact {bad[0].exact}"

@@ -36,3 +36,24 @@ def assert_sound(cache, layer, q, result, prec=128):
     bad = [c for c in checks if c.violations]
     assert not bad, bad[0]
     return checks
+
+
+def kernel_result(cache, q, precision, splits=None, **launch):
+    """Layer 0 of ``cache`` through the decode kernel with cert=True and certkv.streaming's epilogue, for
+    q [B, H_q, 1, D], shaped as the cache serves a step (nothing fetched)."""
+    from certkv.kernels.decode import decode_partials, from_cache
+
+    from certkv.certificate import AttentionResult, Certificate
+    from certkv.streaming import certify
+
+    b, hq, _, d = q.shape
+    hkv = cache.num_kv_heads
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    scale = d**-0.5
+    partials = decode_partials(qg, t1, scale, splits, precision=precision, cert=True, **launch)
+    out, cert = certify(qg, t1, partials, scale, precision, st.v_min, st.v_max, q.dtype, launch.get("deq16", False))
+    fields = {k: v.reshape(b, hq, 1) for k, v in cert.to_dict().items()}
+    none = torch.zeros(b, hkv, st.length, dtype=torch.bool)
+    return AttentionResult(out.reshape(b, hq, 1, d).cpu(), Certificate(**fields), none, none)

@@ -14,9 +14,8 @@ pytest.importorskip("triton")
 from certkv.kernels.decode import Tier1, decode_partials, from_cache, partials_reference
 
 import certkv
-from certkv.certificate import AttentionResult, Certificate
 from certkv.streaming import certify, kernel_step
-from tests.helpers import assert_sound, make_kv, make_q
+from tests.helpers import assert_sound, kernel_result, make_kv, make_q
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = 128**-0.5
@@ -27,20 +26,6 @@ def cache_of(b, hkv, n, dtype, seed=0, outlier=6.0, **cfg):
     cache = certkv.TieredKVCache(1, hkv, 128, config=certkv.CertConfig(max_stage=0, **cfg), device=DEVICE)
     cache.append(0, k.to(DEVICE), v.to(DEVICE))
     return cache
-
-
-def kernel_result(cache, q, precision, splits=None, **launch):
-    """Launch with cert=True and certify; the result shaped as the cache serves it."""
-    b, hq = q.shape[:2]
-    hkv = cache.num_kv_heads
-    st = cache._layers[0]
-    t1 = from_cache(cache, 0)
-    qg = q.reshape(b, hkv, hq // hkv, 128)
-    partials = decode_partials(qg, t1, SCALE, splits, precision=precision, cert=True, **launch)
-    out, cert = certify(qg, t1, partials, SCALE, precision, st.v_min, st.v_max, q.dtype, launch.get("deq16", False))
-    fields = {k: v.reshape(b, hq, 1) for k, v in cert.to_dict().items()}
-    none = torch.zeros(b, hkv, st.length, dtype=torch.bool)
-    return AttentionResult(out.reshape(b, hq, 1, 128).cpu(), Certificate(**fields), none, none)
 
 
 CASES = [

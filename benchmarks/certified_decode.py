@@ -5,15 +5,18 @@ Run from the repository root: ``PYTHONPATH=. python benchmarks/certified_decode.
 ``check``: for B in {1, 8}, H_q/H_kv in {32/8, 8/8}, D = 128, FP16 and BF16 and contexts from 1K to
 128K (B = 8 up to 32K), fresh random originals (an outlier key channel) go through
 ``TieredKVCache.append`` (the append kernel) and one query through ``certkv.streaming.kernel_step``
-(the kernel with its statistics, then the epilogue). On sampled heads (all heads up to 8K) the output
+(the kernel with its statistics, then the fused epilogue; the torch epilogue on the same statistics
+must give the same output and fields within 1e-9). On sampled heads (all heads up to 8K) the output
 is compared with the float64 attention over the same Tier-1 tensors and the error against exact
 attention over the originals (float64) with the certificate's output bound; up to 8K the torch path's
 stage-0 bound is recorded beside it. Any violation fails the run.
 
 ``bench``: at B in {1, 8}, H_q/H_kv = 32/8, contexts 8K, 32K, 128K (FP16), median times
 (triton.testing.do_bench) eager and as replayed CUDA graphs of: SDPA on the FP16 cache; the kernel
-without and with its certificate statistics (the overhead); the epilogue (eager; its TV bound
-synchronises with the host); the whole certified step. Writes ``certified_decode.json``.
+without and with its certificate statistics (the overhead); the fused epilogue
+(``certkv.kernels.epilogue``); the whole certified step (kernel and fused epilogue); and, eager, the
+torch epilogue it replaces (``certkv.streaming.certify``), with the largest relative difference of
+the two certificates. Writes ``certified_decode.json``.
 """
 
 from __future__ import annotations
@@ -21,23 +24,26 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from certkv.kernels import epilogue
 from certkv.kernels.decode import decode_partials, decode_reference, from_cache
 from triton.testing import do_bench
 
 import certkv
 from benchmarks.decode_bench import bandwidths, bench, tier1
-from certkv.streaming import certify, kernel_step, serving_precision
+from certkv.streaming import BOUND_FIELDS, certify, kernel_step, serving_precision
 
 D = 128
+# the serving launch (FP16 caches) and the fastest output-only variant of decode_bench v5 (binary32
+# products, which BF16 caches are served with, run 5-7x slower: decode_bench.json)
 LAUNCHES = {
     "fp16_b64_w4": dict(precision="fp16", block=64, num_warps=4),
     "fp16_b128_w8_deq16_split": dict(precision="fp16", block=128, num_warps=8, num_stages=2, deq16=True, split_v=True),
-    "ieee_b64_w4": dict(precision="ieee", block=64, num_warps=4),
 }
 
 
@@ -60,6 +66,12 @@ def check(gen: torch.Generator) -> list[dict]:
             g = hq // hkv
             qg = q.reshape(b, hkv, g, D)
             out, cert = kernel_step(qg, t1, D**-0.5, st.v_min, st.v_max)
+            launch = dict(precision=serving_precision(dtype))
+            parts = decode_partials(qg, t1, D**-0.5, cert=True, **launch)
+            args = (qg, t1, parts, D**-0.5, launch["precision"], st.v_min, st.v_max, dtype)
+            (ref_out, ref), (fused_out, fused) = certify(*args), epilogue.certify(*args)
+            fused_rel = max(_rel_diff(getattr(fused, f), getattr(ref, f)) for f in BOUND_FIELDS)
+            assert torch.equal(ref_out, fused_out) and fused_rel < 1e-9, fused_rel
             heads = [(bi, hi) for bi in range(b) for hi in range(hkv)]
             if n > 8192:
                 pick = torch.randperm(len(heads), generator=torch.Generator().manual_seed(n + b))[:4]
@@ -88,6 +100,7 @@ def check(gen: torch.Generator) -> list[dict]:
                 "dtype": str(dtype), "batch": b, "hq": hq, "hkv": hkv, "context": n,
                 "precision": serving_precision(dtype), "heads_checked": len(heads) * g,
                 "violations": violations, "max_err_over_bound": worst_ratio, "rel_err_vs_float64_tier1": worst_ref,
+                "fused_vs_torch_epilogue_max_rel": fused_rel,
                 "bound_median": float(cert.output_bound.median()), "tv_median": float(cert.tv_bound.median()),
                 "torch_path_bound_median": float(torch.tensor(torch_bound).median()) if torch_bound else None,
                 "seconds": time.time() - t0,
@@ -98,6 +111,20 @@ def check(gen: torch.Generator) -> list[dict]:
             del cache, k, v, t1
             torch.cuda.empty_cache()
     return rows
+
+
+def _step(qg, t1, scale, v_min, v_max, launch: dict, epi=epilogue.certify):
+    """One certified stage-0 step: the kernel with its statistics, then an epilogue."""
+    parts = decode_partials(qg, t1, scale, cert=True, **launch)
+    return epi(qg, t1, parts, scale, launch["precision"], v_min, v_max, torch.float16, bool(launch.get("deq16", False)))
+
+
+def _rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest relative difference (equal values, infinities included, count as 0; NaN anywhere: NaN)."""
+    if bool(got.isnan().any() or want.isnan().any()):
+        return math.nan
+    rel = (got - want).abs() / want.abs().clamp(min=1e-300)
+    return float(torch.where(got == want, torch.zeros_like(rel), rel).max())
 
 
 def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list[dict]:
@@ -119,17 +146,26 @@ def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list
                     for cert in (False, True):
                         fn = functools.partial(decode_partials, qg, t1, scale, cert=cert, **launch)
                         row[f"{name}{'_cert' if cert else ''}_ms_{tag}"] = bench(fn, graph)
+                    parts = decode_partials(qg, t1, scale, cert=True, **launch)
+                    epi = functools.partial(epilogue.certify, qg, t1, parts, scale, launch["precision"], v_min, v_max,
+                                            torch.float16, bool(launch.get("deq16", False)))  # fmt: skip
+                    row[f"{name}_fused_epilogue_ms_{tag}"] = bench(epi, graph)
+                    step = functools.partial(_step, qg, t1, scale, v_min, v_max, launch)
+                    row[f"{name}_step_ms_{tag}"] = bench(step, graph)
             for name, launch in LAUNCHES.items():
                 parts = decode_partials(qg, t1, scale, cert=True, **launch)
-                epi = functools.partial(certify, qg, t1, parts, scale, launch["precision"], v_min, v_max,
-                                        torch.float16, bool(launch.get("deq16", False)))  # fmt: skip
-                row[f"{name}_epilogue_ms_eager"] = float(do_bench(epi, return_mode="median"))
+                args = (qg, t1, parts, scale, launch["precision"], v_min, v_max, torch.float16,
+                        bool(launch.get("deq16", False)))  # fmt: skip
+                row[f"{name}_torch_epilogue_ms_eager"] = float(
+                    do_bench(functools.partial(certify, *args), warmup=3, rep=50, return_mode="median")
+                )
                 row[f"{name}_overhead_graph"] = row[f"{name}_cert_ms_graph"] / row[f"{name}_ms_graph"] - 1
-                _, c = epi()
-                row[f"{name}_bound_median"] = float(c.output_bound.median())
-            row["kernel_step_ms_eager"] = float(
-                do_bench(functools.partial(kernel_step, qg, t1, scale, v_min, v_max), return_mode="median")
-            )
+                (ref_out, ref), (out, fused) = certify(*args), epilogue.certify(*args)
+                row[f"{name}_bound_median"] = float(fused.output_bound.median())
+                row[f"{name}_fused_vs_torch_max_rel"] = max(
+                    _rel_diff(getattr(fused, f), getattr(ref, f)) for f in BOUND_FIELDS
+                )
+                row[f"{name}_fused_output_equal"] = bool(torch.equal(out, ref_out))
             print(json.dumps(row), flush=True)
             rows.append(row)
             del t1, k, v
@@ -190,12 +226,17 @@ def main() -> None:
     name = "certified_check.json" if args.skip_speed else "certified_decode.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     for r in result["speed"]:
-        print(f"B={r['batch']} n={r['context']}: sdpa {r['sdpa_ms_graph'] * 1e3:.1f} us (graph)")
+        sdpa_g, sdpa_e = r["sdpa_ms_graph"] * 1e3, r["sdpa_ms_eager"] * 1e3
+        print(f"B={r['batch']} n={r['context']}: sdpa {sdpa_g:.1f} us graph, {sdpa_e:.1f} eager")
         for name in LAUNCHES:
-            plain, cert = r[f"{name}_ms_graph"] * 1e3, r[f"{name}_cert_ms_graph"] * 1e3
+            cert, fused, step_g, step_e = (
+                r[f"{name}{x}"] * 1e3
+                for x in ("_cert_ms_graph", "_fused_epilogue_ms_graph", "_step_ms_graph", "_step_ms_eager")
+            )
             print(
-                f"  {name}: {plain:.1f} -> {cert:.1f} us with statistics (+{r[f'{name}_overhead_graph']:.0%}), "
-                f"x{r['sdpa_ms_graph'] * 1e3 / cert:.2f} SDPA; epilogue {r[f'{name}_epilogue_ms_eager'] * 1e3:.0f} us"
+                f"  {name}: kernel {cert:.1f} us (+{r[f'{name}_overhead_graph']:.0%} statistics); epilogue fused "
+                f"{fused:.1f} us graph, torch {r[f'{name}_torch_epilogue_ms_eager'] * 1e3:.0f} us eager; step "
+                f"{step_g:.1f} us graph (x{sdpa_g / step_g:.2f} SDPA), {step_e:.1f} eager (x{sdpa_e / step_e:.2f})"
             )
 
 

@@ -76,9 +76,10 @@ class _Layer:
         return 0 if self.qk is None else self.qk.num_tokens
 
 
-# "auto" serves stage 0 through the decode kernel from this many quantized tokens on: its epilogue costs
-# 7-13 ms whatever the context, the torch path 11 ms at 2K and 48 ms at 128K per layer-step on the
-# H100, and a step the kernel leaves uncertified pays both (docs/benchmarks.md)
+# "auto" serves stage 0 through the decode kernel from this many quantized tokens on. Per layer-step on
+# the H100 the kernel with its fused epilogue costs 0.5-0.7 ms eager against 11 ms (2K) to 48 ms (128K)
+# for the torch path, but below 32K its bound is 1.5-1.8x looser, a step it leaves uncertified pays
+# both, and on the tiny model at 2K (compiles included) it served fewer tokens/s (docs/benchmarks.md)
 KERNEL_AUTO_TOKENS = 65536
 
 

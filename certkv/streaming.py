@@ -11,7 +11,8 @@ with the kernel's own arithmetic (binary32 exp2 and sums, tensor-core products, 
 the precision rounds to them) in the rounding term. The terms take their total-variation forms
 (the per-token forms of the torch path need the output before the pass), the TV bounds come from
 ``certkv.tv.tv_bound`` over block masses (divisible: a block may be split), and everything below is
-float64 on [B*H, G] rows.
+float64 on [B*H, G] rows. ``certify`` is the reference of the fused epilogue
+(``certkv.kernels.epilogue``, four Triton launches) that ``kernel_step`` serves with.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def product_error(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(relative, absolute) error of a product of ``factors`` computed factors, each within
     alpha1 * f + beta1 of an exact f in [0, 1]: |prod f~ - prod f| <= ((1 + alpha1)^k - 1) prod f
-    + k beta1 (1 + alpha1 + beta1)^(k-1) (proofs/ lemma 9). float64, rounded up."""
-    rel = torch.expm1(factors * math.log1p(alpha1)) * (1 + 2.0**-40)
+    + k beta1 (1 + alpha1 + beta1)^(k-1) (proofs/ lemma 9). float64, rounded up. (1 + alpha1)^k - 1
+    = e^y - 1 <= y e^y for y = k log1p(alpha1) >= 0: exp only, so the fused epilogue
+    (``certkv.kernels.epilogue``) evaluates the same formula."""
+    y = factors * math.log1p(alpha1)
+    rel = y * torch.exp(y) * (1 + 2.0**-40)
     absolute = factors * beta1 * torch.exp((factors - 1) * math.log1p(alpha1 + beta1)) * (1 + 2.0**-40)
     return rel, absolute
 
@@ -88,6 +92,20 @@ def _block_max(x: torch.Tensor, blk: int) -> torch.Tensor:
     """Max over consecutive blocks of ``blk`` along the last dim (zero-padded to whole blocks; x >= 0)."""
     pad = -x.shape[-1] % blk
     return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, blk)).amax(-1)
+
+
+def arithmetic(q: torch.Tensor, t1: object, precision: str, deq16: bool) -> Arithmetic:
+    """The rounding model of a launch, refusing those without one: "tf32", and "fp16" (operands
+    rounded to FP16) over anything but FP16 queries, scales and exact tokens."""
+    from certkv.kernels.decode import Tier1
+
+    assert isinstance(t1, Tier1)
+    if (precision, deq16) not in ARITHMETIC:
+        raise ValueError(f"precision {precision!r} (deq16={deq16}) has no rounding model: {sorted(ARITHMETIC)}")
+    exact = [sk for sk, _ in t1.exact_segments() if sk.shape[2]]
+    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, *exact)):
+        raise ValueError("precision 'fp16' rounds operands to FP16: it is certified for FP16 caches and queries only")
+    return ARITHMETIC[precision, deq16]
 
 
 def certify(
@@ -107,12 +125,8 @@ def certify(
     from certkv.kernels.decode import KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
 
     assert isinstance(t1, Tier1) and isinstance(partials, Partials) and partials.bmass is not None
-    if (precision, deq16) not in ARITHMETIC:
-        raise ValueError(f"precision {precision!r} (deq16={deq16}) has no rounding model: {sorted(ARITHMETIC)}")
-    ar = ARITHMETIC[precision, deq16]
+    ar = arithmetic(q, t1, precision, deq16)
     segments = [(sk, sv) for sk, sv in t1.exact_segments() if sk.shape[2]]  # sink, window, promoted
-    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, *(sk for sk, _ in segments))):
-        raise ValueError("precision 'fp16' rounds operands to FP16: it is certified for FP16 caches and queries only")
     p = partials
     assert p.bframe is not None and p.resc is not None
     b, h, g, d = q.shape
@@ -131,7 +145,7 @@ def certify(
     acc = (w[..., None] * p.acc[:, :, :g].double()).sum(1)  # [BH, G, D]
     l_sum = (w * p.l[:, :, :g].double()).sum(1)
     y = acc / l_sum[..., None]
-    out = y.to(out_dtype)
+    out = y.float().to(out_dtype)  # through binary32, rounding to nearest at each step (as the fused epilogue)
 
     # ---- logit radii per block: quantization eps, rounding rho (computed vs exact dequantized) ----
     q_dot = gamma(d + 5, ar.dot_u)
@@ -255,24 +269,46 @@ def certify(
     def field(x: torch.Tensor) -> torch.Tensor:
         return torch.where(broken, inf, x).reshape(b, h, g)
 
-    zeros = torch.zeros(b, h, g, dtype=torch.float64, device=q.device)
-    never = torch.zeros(b, h, g, dtype=torch.int64, device=q.device)
-    cert = Certificate(
-        tv_bound=field(tv_key),
-        key_term=field(key_j.amax(-1)),
-        value_term=field(value_j.amax(-1)),
-        cross_term=field(cross_j.amax(-1)),
-        rounding_term=field(round_j.amax(-1)),
-        output_bound=field(total_j.amax(-1)),
-        stage=never.clone(),
-        tv_tanh=tanh_bound(rp_max).reshape(b, h, g),
-        logit_radius=rp_max.reshape(b, h, g),
-        tolerance=zeros,
-        accepted=torch.zeros(b, h, g, dtype=torch.bool, device=q.device),
+    cert = stage0_certificate(
+        {
+            "tv_bound": field(tv_key),
+            "key_term": field(key_j.amax(-1)),
+            "value_term": field(value_j.amax(-1)),
+            "cross_term": field(cross_j.amax(-1)),
+            "rounding_term": field(round_j.amax(-1)),
+            "output_bound": field(total_j.amax(-1)),
+            "tv_tanh": tanh_bound(rp_max).reshape(b, h, g),
+            "logit_radius": rp_max.reshape(b, h, g),
+        }
+    )
+    return out.reshape(b, h, g, d), cert
+
+
+BOUND_FIELDS = (
+    "tv_bound",
+    "key_term",
+    "value_term",
+    "cross_term",
+    "rounding_term",
+    "output_bound",
+    "tv_tanh",
+    "logit_radius",
+)
+
+
+def stage0_certificate(bounds: dict[str, torch.Tensor]) -> Certificate:
+    """A stage-0 certificate from its ``BOUND_FIELDS`` (float64 [B, H, G]): nothing fetched, not yet
+    held to a tolerance (the cache sets ``tolerance`` and ``accepted``)."""
+    ref = bounds["output_bound"]
+    never = torch.zeros(ref.shape, dtype=torch.int64, device=ref.device)
+    return Certificate(
+        **bounds,
+        stage=never,
+        tolerance=torch.zeros_like(ref),
+        accepted=torch.zeros(ref.shape, dtype=torch.bool, device=ref.device),
         fetched_values=never.clone(),
         fetched_keys=never.clone(),
     )
-    return out.reshape(b, h, g, d), cert
 
 
 def serving_precision(dtype: torch.dtype) -> str:
@@ -285,13 +321,15 @@ def serving_precision(dtype: torch.dtype) -> str:
 def kernel_step(
     q: torch.Tensor, t1: object, scale: float, v_min: torch.Tensor, v_max: torch.Tensor
 ) -> tuple[torch.Tensor, Certificate]:
-    """Stage 0 through the decode kernel: one launch with ``cert=True`` and this module's epilogue.
+    """Stage 0 through the decode kernel: one launch with ``cert=True``, then this module's epilogue
+    fused into a second (``certkv.kernels.epilogue``, which ``certify`` above is the reference of).
     q [B, H_kv, G, D] (16-bit); returns the output in q's dtype and the certificate (fields [B, H_kv, G])."""
+    from certkv.kernels import epilogue
     from certkv.kernels.decode import decode_partials
 
     precision = serving_precision(q.dtype)
     partials = decode_partials(q, t1, scale, precision=precision, cert=True)  # type: ignore[arg-type]
-    return certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype)
+    return epilogue.certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype)  # type: ignore[arg-type]
 
 
 def _block_values(t1: object, exact_v: list[torch.Tensor], blk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Triton kernels of certkv, installed as ``certkv.kernels`` (never as a top-level ``kernels``).
 
 ``decode``: split-K decode attention over the paper's Tier-1 layout, beside its float64 torch
-references; with ``cert=True`` it streams the statistics ``certkv.streaming`` turns into the step's
-certificate, and the cache serves stage 0 through it on CUDA (docs/benchmarks.md has its measurements).
+references; with ``cert=True`` it streams the statistics the step's certificate is built from, and the
+cache serves stage 0 through it on CUDA (docs/benchmarks.md has its measurements).
+
+``epilogue``: that certificate in four launches; ``certkv.streaming.certify`` is its torch reference.
 
 ``append``: quantizes and packs whole blocks into the paper layout in one launch, bit for bit the
 torch quantizer's output; ``TieredKVCache`` appends through it on CUDA.

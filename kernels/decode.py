@@ -141,7 +141,9 @@ def _mma(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
-@triton.jit
+# The exact-token counts and the block count change every step or every block as the context grows:
+# not specialised (Triton compiles a variant per integer value that is 1 or divisible by 16).
+@triton.jit(do_not_specialize=["n_sink", "n_win", "n_prom", "n_blocks"])
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, wk_ptr, wv_ptr,
     pk_ptr, pv_ptr, pidx_ptr, pmask_ptr,

@@ -1,7 +1,8 @@
 """The decode kernel's streamed certificate against the exact reference on drawn caches: every
 certified precision, GQA group, split count and the hard logit cases of the core suite, with and
-without promoted tokens. The kernel runs in Triton's interpreter on the CPU; a quarter of the
-profile's examples (it is the slowest suite)."""
+without promoted tokens, through either epilogue (the torch reference or the fused kernel). The
+kernel runs in Triton's interpreter on the CPU; a quarter of the profile's examples (it is the
+slowest suite)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ LAUNCHES = {
 
 
 @st.composite
-def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None]:
+def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None, str]:
     launch = draw(st.sampled_from(sorted(LAUNCHES)))
     dtype = torch.float16 if launch.startswith("fp16") else draw(st.sampled_from((torch.float16, torch.bfloat16)))
     sc = Scenario(
@@ -53,13 +54,13 @@ def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None]:
             decode_kernel="never",
         ),
     )
-    return sc, launch, draw(st.sampled_from((None, 1, 2, 5)))
+    return sc, launch, draw(st.sampled_from((None, 1, 2, 5))), draw(st.sampled_from(("torch", "fused")))
 
 
 @settings(max_examples=max(1, settings().max_examples // 4))
 @given(kernel_cases())
-def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, str, int | None]) -> None:
-    sc, launch, splits = case
+def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, str, int | None, str]) -> None:
+    sc, launch, splits, epilogue = case
     q, k, v = sc.tensors()
     cache = certkv.TieredKVCache(1, sc.kv_heads, 128, config=sc.config)
     cache.append(0, k, v)
@@ -68,7 +69,7 @@ def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, st
         return  # fewer tokens than one key group beyond the window: nothing for the kernel
     for shift in (1, 2):
         cache.attend(0, torch.roll(q, shift, dims=-1))
-    result = kernel_result(cache, q, launch.split("-")[0], splits, **LAUNCHES[launch])
+    result = kernel_result(cache, q, launch.split("-")[0], splits, epilogue, **LAUNCHES[launch])
     checks = verify_step(q, *cache.originals(0), *cache.dequantized_exact(0), result)
     bad = [c for c in checks if c.violations]
     assert not bad, f"violated {bad[0].violations}: claimed {bad[0].claimed} exact {bad[0].exact}"

@@ -38,13 +38,17 @@ def assert_sound(cache, layer, q, result, prec=128):
     return checks
 
 
-def kernel_result(cache, q, precision, splits=None, **launch):
-    """Layer 0 of ``cache`` through the decode kernel with cert=True and certkv.streaming's epilogue, for
+def kernel_result(cache, q, precision, splits=None, epilogue="torch", **launch):
+    """Layer 0 of ``cache`` through the decode kernel with cert=True and an epilogue ("torch":
+    certkv.streaming.certify, the reference; "fused": certkv.kernels.epilogue.certify), for
     q [B, H_q, 1, D], shaped as the cache serves a step (nothing fetched)."""
+    from certkv.kernels import epilogue as fused
     from certkv.kernels.decode import decode_partials, from_cache
 
     from certkv.certificate import AttentionResult, Certificate
-    from certkv.streaming import certify
+    from certkv.streaming import certify as reference
+
+    certify = fused.certify if epilogue == "fused" else reference
 
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads

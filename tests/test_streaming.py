@@ -147,15 +147,21 @@ def test_decode_kernel_mode_is_validated():
         certkv.CertConfig(decode_kernel="sometimes")
 
 
-def test_promoted_tokens_are_served_from_their_exact_copies():
-    # promote_after=1 and a tolerance the quantized step misses: the torch ladder fetches rows and
-    # promotes them; the kernel then skips their quantized copies and serves the exact ones
-    k, v = make_kv(b=2, hkv=2, n=600, d=128, dtype=torch.float16, seed=7, outlier=6.0)
+def promoted_cache(b: int) -> certkv.TieredKVCache:
+    """600 FP16 tokens, 2 KV heads, after three steps at promote_after=1 and a tolerance the quantized
+    step misses: the torch ladder fetched rows and promoted them."""
+    k, v = make_kv(b=b, hkv=2, n=600, d=128, dtype=torch.float16, seed=7, outlier=6.0)
     cfg = certkv.CertConfig(promote_after=1, out_tol=0.002, out_rtol=0.0, max_stage=2)
     cache = certkv.TieredKVCache(1, 2, 128, config=cfg, device=DEVICE)
     cache.append(0, k.to(DEVICE), v.to(DEVICE))
     for seed in range(3):
-        cache.attend(0, make_q(b=2, hq=4, d=128, dtype=torch.float16, seed=seed).to(DEVICE))
+        cache.attend(0, make_q(b=b, hq=4, d=128, dtype=torch.float16, seed=seed).to(DEVICE))
+    return cache
+
+
+def test_promoted_tokens_are_served_from_their_exact_copies():
+    # the kernel skips the promoted tokens' quantized copies and serves the exact ones
+    cache = promoted_cache(2)
     counts = cache.promoted_count(0)
     assert int(counts.min()) > 0
     t1 = from_cache(cache, 0)

@@ -1,0 +1,656 @@
+"""The decode kernel's step certificate in four Triton launches; its torch reference is
+``certkv.streaming.certify``.
+
+``certify`` there spends ~500 small float64 torch launches per step (7-13 ms eager on the H100,
+whatever the context): more than the decode kernel itself. Here the same float64 arithmetic
+(docs/theory.md section 8) runs in four launches, each spread over the GPU:
+
+1. ``_blocks_kernel`` (batch row x KV head, chunk of blocks; the last chunk takes the sink, window
+   and promoted tokens): logit radii from |q| and the key scales, block masses and their accuracy,
+   the dust, value magnitudes and radii weighted by the masses. Per block the radii, accuracy and
+   live mass go to a scratch buffer; per chunk the partial maxima and sums to another;
+2. ``_bins_kernel`` (same grid): each chunk's blocks binned into the divisible total-variation
+   relaxation of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
+   the maxima over all chunks;
+3. ``_lp_kernel`` (row x head, radius set, group of grid intervals): the relaxation bounded on each
+   interval of its grid;
+4. ``_final_kernel`` (row x head): the splits merged into the output, the TV bounds, the terms per
+   channel and the certificate's fields.
+
+Partial results are reduced in a fixed order, so the result does not depend on scheduling.
+Differences from the torch reference, each a few units of float64 rounding: sums run in another
+order (every sum is inflated for any order), the LP's dual multiplier is found by pairwise
+comparison instead of a sort (any multiplier is sound; ties aside it is the same one), and
+tanh(R/2) is evaluated as (1 - e^-R) / (1 + e^-R) with its own margin (``_tanh_up``) because
+Triton's interpreter has no tanh. Tests hold the two to each other and both to the exact reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from certkv import streaming
+from certkv.quant import RADIUS_FACTOR
+from certkv.rounding import U32, U64, gamma, inflate
+from certkv.tv import BIN_RATIO, BINS, GRID, HEAVY, RELAX_MAX_RADIUS
+
+from .decode import KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
+
+# the float64 constants' slots in the table the kernel reads (Triton passes float scalars as binary32)
+(C_SUP, C_STEP255, C_MAG, C_ABS, C_PREL, C_PABS, C_LIMIT, C_DOTU, C_QDOT, C_INFD, C_C1, C_BABS, C_LIVE, C_DUSTMAX,
+ C_L1A, C_L1AB, C_BETA1, C_VREL, C_RF, C_RELAX, C_SLACK, C_INF4, C_U64, C_U32,
+ C_RATIO) = map(tl.constexpr, range(25))  # fmt: skip
+KGROUP = tl.constexpr(KEY_GROUP)
+# the per-chunk partial statistics' slots (then NVG slots each of w_eta, eta_hi, eta_lo)
+S_RP, S_RH, S_EPS, S_LAM, S_RLP, S_RLH, S_DUST, S_TOTAL, S_SW, S_VMAG, S_BIG = map(tl.constexpr, range(11))
+S_VEC = tl.constexpr(11)
+N_FIELDS = len(streaming.BOUND_FIELDS)
+# launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
+# docs/benchmarks.md)
+WARPS = {"blocks": 4, "bins": 4, "lp": 8, "final": 4}
+LP_INTERVALS = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(device: torch.device, precision: str, deq16: bool, scale: float, d: int, blk: int) -> torch.Tensor:
+    """The launch-invariant float64 constants, computed by the same Python expressions as the reference."""
+    ar = streaming.ARITHMETIC[precision, deq16]
+    s_up = float(torch.tensor(scale, dtype=torch.float32)) * (1 + 2 * U32)
+    c1 = (streaming.ALPHA1 + gamma(blk) * (1 + streaming.ALPHA1)) * (1 + 4 * U64) + 4 * U64
+    b_abs = blk * streaming.BETA1 * (1 + gamma(blk)) * (1 + 4 * U64)
+    exps = torch.arange(BINS - 1, -1, -1, dtype=torch.float64)
+    values = [
+        s_up, ar.step * 255, ar.mag, ar.abs, ar.p_rel, ar.p_abs, ar.limit, ar.dot_u, gamma(d + 5, ar.dot_u),
+        inflate(d), c1, b_abs, streaming.LIVE, streaming.DUST_RADIUS_MAX, math.log1p(streaming.ALPHA1),
+        streaming.LOG1P_ALPHA1_BETA1, streaming.BETA1, 2 * ar.step + ar.mag,
+        RADIUS_FACTOR, RELAX_MAX_RADIUS, 64 * (BINS + HEAVY) * U64, inflate(4), U64, U32,
+        *(BIN_RATIO ** (-exps)).tolist(),
+    ]  # fmt: skip
+    return torch.tensor(values, dtype=torch.float64).to(device)
+
+
+@triton.jit
+def _gamma(n, u):
+    """Higham's gamma_n (n an integer below 1/u) in float64, as ``certkv.rounding.gamma``."""
+    nu = n * u  # an integer (a tensor, or an int where Triton specialised it) times a float64: exact
+    return nu / (1.0 - nu)
+
+
+@triton.jit
+def _inflate(n, u64):
+    return 1.0 / (1.0 - _gamma(n + 4, u64)) + 4.0 * u64
+
+
+@triton.jit
+def _tanh_up(r, u64):
+    """>= tanh(r / 2) for r >= 0, at most 1: (1 - E) / (1 + E) with E = exp(-r) computed within 2 ulp
+    errs by at most 4 units of relative and 4 of absolute rounding; 8 of each are added."""
+    e = tl.exp(-r)
+    return tl.minimum((1.0 - e) / (1.0 + e) * (1.0 + 8.0 * u64) + 8.0 * u64, 1.0)
+
+
+@triton.jit
+def _round_out(y, DT: tl.constexpr):
+    """float64 to DT through binary32, rounding to nearest even at both steps, as the reference's
+    ``y.float().to(dtype)`` (BF16 by integer rounding of the binary32 bits: the interpreter truncates)."""
+    y32 = y.to(tl.float32)
+    if DT == tl.bfloat16:  # noqa: SIM300 (DT is a constexpr argument, not a constant)
+        bits = y32.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y32.to(DT)
+
+
+@triton.jit
+def _block_stats(bmass_ptr, bframe_ptr, at, ok, top, c1, babs_c, live_c):
+    """Block masses M in the frame of the row's top logit (``top`` broadcast like ``at``), the live
+    ones and their log-ratio accuracy lambda, the dust and the masses' upper bounds (as the
+    reference's "block masses" step); shaped like ``at``."""
+    bm = tl.load(bmass_ptr + at, mask=ok, other=0.0).to(tl.float64)
+    bf = tl.load(bframe_ptr + at, mask=ok, other=0.0).to(tl.float64)
+    frame = tl.exp2(bf - top)
+    mass = tl.where(ok, bm * frame, 0.0)
+    b_abs = tl.where(ok, babs_c * frame, 0.0)
+    live = ok & (mass >= live_c * b_abs)
+    lam = tl.where(live, 2.0 * (c1 + b_abs / tl.maximum(mass, 1e-300)) * (1.0 + 2.0**-40), 0.0)
+    dust = tl.where(live | ~ok, 0.0, (mass + b_abs) / (1.0 - c1))
+    m_up = (mass + b_abs) / (1.0 - c1) * (1.0 + 2.0**-40)
+    return lam, dust, tl.where(live, mass, 0.0), m_up
+
+
+@triton.jit
+def _store4(base, at, stride, a, b, c, e, mask):
+    """Four per-block quantities to the scratch rows 0-3."""
+    tl.store(base + at, a, mask=mask)
+    tl.store(base + stride + at, b, mask=mask)
+    tl.store(base + 2 * stride + at, c, mask=mask)
+    tl.store(base + 3 * stride + at, e, mask=mask)
+
+
+@triton.jit
+def _bin(radius, m_norm, rm, extra, ratio, BINS: tl.constexpr):
+    """Masses [GR, CB] one-hot over the bins of their radius (rounded up to the bin edges rm * ratio,
+    searchsorted left): [GR, CB, BINS], summed over the blocks by the caller."""
+    r = tl.minimum(radius + extra, rm[:, None])
+    edges = rm[:, None] * ratio[None, :]
+    k = tl.arange(0, BINS)
+    idx = tl.minimum(tl.sum((edges[:, None, :] < r[:, :, None]).to(tl.int32), 2), BINS - 1)
+    return tl.where(idx[:, :, None] == k[None, None, :], m_norm[:, :, None], 0.0)
+
+
+@triton.jit
+def _objective(t, lam, dem, w, mass):
+    """h(t, lam) = t - lam dem(t) + sum_k P_k max(0, lam w_k(t) - 1) >= t - c(t) (weak LP duality)."""
+    return t - lam * dem + tl.sum(mass * tl.maximum(lam[:, None] * w - 1.0, 0.0), 1)
+
+
+@triton.jit
+def _dual(dem, w, mass):
+    """1 / w of the critical bin of the light knapsack (descending w, cumulative benefit reaching the
+    demand), 0 where the demand is <= 0 and 1e12 where it cannot be met; by pairwise comparison."""
+    benefit = mass * w
+    cum = tl.sum(tl.where(w[:, None, :] >= w[:, :, None], benefit[:, None, :], 0.0), 2)  # [GR, k]
+    w_crit = tl.max(tl.where(cum >= dem[:, None], w, -1.0), 1)
+    lam = tl.where(w_crit > 0, 1.0 / w_crit, 1e12)
+    lam = tl.where(dem > tl.sum(benefit, 1), 1e12, lam)
+    return tl.where(dem <= 0, 0.0, lam)
+
+
+@triton.jit
+def _top(m_ptr, bh, n_splits, gi, row, GP: tl.constexpr):
+    """The largest split maximum of each row (float64; 0 for padding rows)."""
+    PC: tl.constexpr = 16
+    top = tl.full(gi.shape, -float("inf"), tl.float64)
+    for s0 in range(0, n_splits + 1, PC):
+        s = s0 + tl.arange(0, PC)
+        ok = (s <= n_splits)[:, None] & row[None, :]
+        x = tl.load(m_ptr + (bh * (n_splits + 1) + s[:, None]) * GP + gi[None, :], mask=ok, other=-float("inf"))
+        top = tl.maximum(top, tl.max(x.to(tl.float64), 0))
+    return tl.where(row, top, 0.0)
+
+
+@triton.jit
+def _part(p_ptr, bh, n_parts, j, gi, NSTAT: tl.constexpr, GR: tl.constexpr, MAX: tl.constexpr):
+    """Slot j of the chunks' partial statistics (all >= 0) reduced over the chunks: max (MAX) or sum."""
+    PC: tl.constexpr = 32
+    out = tl.zeros((GR,), tl.float64)
+    for c0 in range(0, n_parts, PC):
+        c = c0 + tl.arange(0, PC)
+        at = ((bh * n_parts + c[:, None]) * NSTAT + j) * GR + gi[None, :]
+        x = tl.load(p_ptr + at, mask=(c < n_parts)[:, None], other=0.0)
+        if MAX:
+            out = tl.maximum(out, tl.max(x, 0))
+        else:
+            out += tl.sum(x, 0)
+    return out
+
+
+@triton.jit
+def _radius_sets(p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT: tl.constexpr, GR: tl.constexpr, BINS: tl.constexpr):
+    """Per row: the largest radius of the sets p, p_hat, p~ (r + lambda; ``tv_bound``'s r_max, with its
+    rounding allowance ``extra``), the same clamped to the relaxation's range, and the live mass."""
+    extra = 4.0 * _gamma(nb_all + BINS + 8, tl.load(c_ptr + C_U64))
+    relax = tl.load(c_ptr + C_RELAX)
+    r_p = _part(p_ptr, bh, n_parts, S_RLP, gi, NSTAT, GR, True) + extra
+    r_h = _part(p_ptr, bh, n_parts, S_RLH, gi, NSTAT, GR, True) + extra
+    r_0 = _part(p_ptr, bh, n_parts, S_LAM, gi, NSTAT, GR, True) + extra
+    total = _part(p_ptr, bh, n_parts, S_TOTAL, gi, NSTAT, GR, False)
+    return r_p, r_h, r_0, tl.minimum(r_p, relax), tl.minimum(r_h, relax), tl.minimum(r_0, relax), extra, total
+
+
+# Integer arguments are not specialised (Triton compiles a variant per value that is 1 or divisible by
+# 16): the token and block counts change as the context grows, and each variant costs seconds to
+# compile. In _blocks_kernel it also keeps one type for the segment branches.
+@triton.jit(do_not_specialize=["n_quant", "n_e0", "n_e1", "n_e2", "n_splits", "nb_all", "chunk", "n_chunks", "n_parts"])
+def _blocks_kernel(
+    q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2,
+    m_ptr, bmass_ptr, bframe_ptr, c_ptr, scratch_ptr, p_ptr,
+    n_quant, n_e0, n_e1, n_e2, n_splits, nb_all, chunk, n_chunks, n_parts,
+    G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
+    CB: tl.constexpr, TOK: tl.constexpr, NSTAT: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    NVG: tl.constexpr = D // 64
+    gi = tl.arange(0, GR)
+    row = gi < G
+    d = tl.arange(0, D)
+    u64 = tl.load(c_ptr + C_U64)
+    s_up, q_dot, infl_d = tl.load(c_ptr + C_SUP), tl.load(c_ptr + C_QDOT), tl.load(c_ptr + C_INFD)
+    c1, babs_c, live_c = tl.load(c_ptr + C_C1), tl.load(c_ptr + C_BABS), tl.load(c_ptr + C_LIVE)
+    absq = tl.abs(tl.load(q_ptr + (bh * G + gi[:, None]) * D + d[None, :], mask=row[:, None], other=0.0)).to(tl.float64)
+    top = _top(m_ptr, bh, n_splits, gi, row, GP)
+    rp_max = tl.zeros((GR,), tl.float64)
+    rh_max = tl.zeros((GR,), tl.float64)
+    eps_max = tl.zeros((GR,), tl.float64)
+    lam_max = tl.zeros((GR,), tl.float64)
+    rlp_max = tl.zeros((GR,), tl.float64)  # max of r_p + lambda
+    rlh_max = tl.zeros((GR,), tl.float64)
+    dust = tl.zeros((GR,), tl.float64)
+    total = tl.zeros((GR,), tl.float64)
+    s_w = tl.zeros((GR,), tl.float64)
+    w_eta = tl.zeros((GR, NVG), tl.float64)
+    vmag_max = tl.zeros((), tl.float64)
+    eta_hi = tl.zeros((NVG,), tl.float64)
+    eta_lo = tl.full((NVG,), float("inf"), tl.float64)
+    big = tl.zeros((), tl.float64)  # the largest operand magnitude (overflow check)
+    sc = scratch_ptr + bh * 4 * GR * nb_all
+    n_qb = n_quant // BLK
+    if part < n_chunks:  # quantized blocks [part * chunk, part * chunk + chunk)
+        rf = tl.load(c_ptr + C_RF).to(tl.float32)
+        cb = tl.arange(0, CB)
+        vg = tl.arange(0, NVG)
+        tok = tl.arange(0, BLK)
+        hi = tl.minimum(part * chunk + chunk, n_qb)
+        # per-block accumulators: elementwise across iterations, reduced across threads once at the end
+        a_rp = tl.zeros((GR, CB), tl.float64)
+        a_rh = tl.zeros((GR, CB), tl.float64)
+        a_eps = tl.zeros((GR, CB), tl.float64)
+        a_lam = tl.zeros((GR, CB), tl.float64)
+        a_rlp = tl.zeros((GR, CB), tl.float64)
+        a_rlh = tl.zeros((GR, CB), tl.float64)
+        a_dust = tl.zeros((GR, CB), tl.float64)
+        a_total = tl.zeros((GR, CB), tl.float64)
+        a_sw = tl.zeros((GR, CB), tl.float64)
+        a_weta = tl.zeros((GR, CB, NVG), tl.float64)
+        a_vmag = tl.zeros((CB,), tl.float64)
+        a_etahi = tl.zeros((CB, NVG), tl.float64)
+        a_etalo = tl.full((CB, NVG), float("inf"), tl.float64)
+        a_big = tl.zeros((CB, D), tl.float64)
+        for b0 in range(part * chunk, hi, CB):
+            blocks = b0 + cb
+            okb = blocks < hi
+            at = (bh * (n_quant // KGROUP) + (blocks * BLK // KGROUP))[:, None] * D + d[None, :]
+            ks16 = tl.load(ks_ptr + at, mask=okb[:, None], other=0.0)
+            ks = ks16.to(tl.float64)
+            kz = tl.load(kz_ptr + at, mask=okb[:, None], other=0.0).to(tl.float64)
+            k_rad = (ks16.to(tl.float32) * rf).to(tl.float64)
+            k_max = tl.maximum(tl.abs(kz), tl.abs(kz + 255.0 * ks)) * (1.0 + 2.0 * u64)
+            k_err = tl.load(c_ptr + C_STEP255) * tl.abs(ks) + tl.load(c_ptr + C_MAG) * k_max + tl.load(c_ptr + C_ABS)
+            k_err = k_err * (1.0 + 2.0 * u64)
+            k_used = k_max + k_err
+            a_big = tl.maximum(a_big, tl.where(okb[:, None], k_used, 0.0))
+            eps = s_up * tl.sum(absq[:, None, :] * k_rad[None, :, :], 2) * infl_d  # [GR, CB]
+            rho = s_up * tl.sum(absq[:, None, :] * (k_used * q_dot + k_err)[None, :, :], 2) * infl_d
+            r_p = (eps + rho) * (1.0 + 2.0 * u64)
+            ok = row[:, None] & okb[None, :]
+            at_b = (bh * nb_all + blocks[None, :]) * GP + gi[:, None]
+            lam, dust_b, m_live, m_up = _block_stats(bmass_ptr, bframe_ptr, at_b, ok, top[:, None], c1, babs_c, live_c)
+            # values: per block the largest |v_hat| (over tokens and channel groups) and radius per group
+            at_v = (bh * n_quant + blocks[:, None, None] * BLK + tok[None, :, None]) * NVG + vg[None, None, :]
+            vs16 = tl.load(vs_ptr + at_v, mask=okb[:, None, None], other=0.0)
+            vs = vs16.to(tl.float64)
+            vz = tl.load(vz_ptr + at_v, mask=okb[:, None, None], other=0.0).to(tl.float64)
+            vmag = tl.max(tl.max(tl.maximum(tl.abs(vz), tl.abs(vz + 15.0 * vs)), 2), 1)  # [CB]
+            radius = (vs16.to(tl.float32) * rf).to(tl.float64)
+            eta = tl.max(radius, 1)  # [CB, NVG]
+            a_etalo = tl.minimum(a_etalo, tl.min(tl.where(okb[:, None, None], radius, float("inf")), 1))
+            a_etahi = tl.maximum(a_etahi, eta)
+            a_vmag = tl.maximum(a_vmag, vmag)
+            a_sw += m_up * vmag[None, :]
+            a_weta += m_up[:, :, None] * eta[None, :, :]
+            a_rp = tl.maximum(a_rp, tl.where(ok, r_p, 0.0))
+            a_rh = tl.maximum(a_rh, tl.where(ok, rho, 0.0))
+            a_eps = tl.maximum(a_eps, tl.where(ok, eps, 0.0))
+            a_lam = tl.maximum(a_lam, lam)
+            a_rlp = tl.maximum(a_rlp, tl.where(ok, r_p + lam, 0.0))
+            a_rlh = tl.maximum(a_rlh, tl.where(ok, rho + lam, 0.0))
+            a_dust += dust_b
+            a_total += m_live
+            _store4(sc, gi[:, None] * nb_all + blocks[None, :], GR * nb_all, r_p, rho, lam, m_live, okb[None, :])
+        rp_max, rh_max, eps_max, lam_max = tl.max(a_rp, 1), tl.max(a_rh, 1), tl.max(a_eps, 1), tl.max(a_lam, 1)
+        rlp_max, rlh_max = tl.max(a_rlp, 1), tl.max(a_rlh, 1)
+        dust, total, s_w, w_eta = tl.sum(a_dust, 1), tl.sum(a_total, 1), tl.sum(a_sw, 1), tl.sum(a_weta, 1)
+        vmag_max, big = tl.max(a_vmag), tl.max(a_big)
+        eta_hi, eta_lo = tl.max(a_etahi, 0), tl.min(a_etalo, 0)
+    else:  # one block of exact tokens: sink, window, then promoted slots, each segment in whole blocks
+        eb = part - n_chunks
+        e0 = tl.cdiv(n_e0, BLK)
+        e1 = e0 + tl.cdiv(n_e1, BLK)
+        if eb < e0:
+            kp, vp, count, first = ek0, ev0, n_e0, 0
+        elif eb < e1:
+            kp, vp, count, first = ek1, ev1, n_e1, e0
+        else:
+            kp, vp, count, first = ek2, ev2, n_e2, e1
+        vrow = tl.arange(0, TOK)
+        dots = tl.zeros((GR,), tl.float64)  # the block's largest s_up |q|.|k|
+        vmag = tl.zeros((), tl.float64)
+        for t0 in range((eb - first) * BLK, (eb - first) * BLK + BLK, TOK):
+            tk = t0 + vrow
+            okt = tk < count
+            at = (bh * count + tk[:, None]) * D + d[None, :]
+            k = tl.abs(tl.load(kp + at, mask=okt[:, None], other=0.0).to(tl.float64))
+            v = tl.abs(tl.load(vp + at, mask=okt[:, None], other=0.0).to(tl.float64))
+            dots = tl.maximum(dots, tl.max(s_up * tl.sum(absq[:, None, :] * k[None, :, :], 2), 1))
+            vmag = tl.maximum(vmag, tl.max(v))
+            big = tl.maximum(big, tl.maximum(tl.max(k), tl.max(v)))
+        rho = dots * q_dot * infl_d
+        r_p = rho * (1.0 + 2.0 * u64)
+        at_b = (bh * nb_all + n_qb + eb) * GP + gi
+        lam, dust, m_live, m_up = _block_stats(bmass_ptr, bframe_ptr, at_b, row, top, c1, babs_c, live_c)
+        vmag_max = vmag
+        s_w = m_up * vmag
+        rp_max, rh_max, lam_max = r_p, rho, lam
+        rlp_max = tl.where(row, r_p + lam, 0.0)
+        rlh_max = tl.where(row, rho + lam, 0.0)
+        total = m_live
+        _store4(sc, gi * nb_all + n_qb + eb, GR * nb_all, r_p, rho, lam, m_live, row)
+    # this chunk's partial statistics: per row, or per (row, head) broadcast over the rows
+    base = p_ptr + (bh * n_parts + part) * NSTAT * GR
+    zero = tl.zeros((GR,), tl.float64)
+    scalars = (rp_max, rh_max, eps_max, lam_max, rlp_max, rlh_max, dust, total, s_w, zero + vmag_max, zero + big)
+    for slot in tl.static_range(11):
+        tl.store(base + slot * GR + gi, scalars[slot])
+    vg2 = tl.arange(0, NVG)[None, :]
+    tl.store(base + (S_VEC + vg2) * GR + gi[:, None], w_eta)
+    tl.store(base + (S_VEC + NVG + vg2) * GR + gi[:, None], zero[:, None] + eta_hi[None, :])
+    tl.store(base + (S_VEC + 2 * NVG + vg2) * GR + gi[:, None], zero[:, None] + eta_lo[None, :])
+
+
+@triton.jit(do_not_specialize=["n_quant", "nb_all", "chunk", "n_chunks", "n_parts"])
+def _bins_kernel(
+    c_ptr, scratch_ptr, p_ptr, bins_ptr, n_quant, nb_all, chunk, n_chunks, n_parts,
+    GR: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, BINS: tl.constexpr, NSTAT: tl.constexpr,
+):  # fmt: skip
+    """Each chunk's live block masses (normalised) into the bins of the three radius sets."""
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    gi = tl.arange(0, GR)
+    _, _, _, rm_p, rm_h, rm_0, extra, total = _radius_sets(p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT, GR, BINS)
+    ratio = tl.load(c_ptr + C_RATIO + tl.arange(0, BINS))
+    norm = tl.where(total > 0, total, 1.0)
+    n_qb = n_quant // BLK
+    lo = tl.where(part < n_chunks, part * chunk, n_qb + part - n_chunks)  # a chunk, or one exact block
+    hi = tl.where(part < n_chunks, tl.minimum(part * chunk + chunk, n_qb), lo + 1)
+    sc = scratch_ptr + bh * 4 * GR * nb_all
+    bin_p = tl.zeros((GR, CB, BINS), tl.float64)
+    bin_h = tl.zeros((GR, CB, BINS), tl.float64)
+    bin_0 = tl.zeros((GR, CB, BINS), tl.float64)
+    for b0 in range(lo, hi, CB):
+        blocks = b0 + tl.arange(0, CB)
+        at = gi[:, None] * nb_all + blocks[None, :]
+        okb = (blocks < hi)[None, :]
+        r_p = tl.load(sc + at, mask=okb, other=0.0)
+        rho = tl.load(sc + GR * nb_all + at, mask=okb, other=0.0)
+        lam = tl.load(sc + 2 * GR * nb_all + at, mask=okb, other=0.0)
+        m_norm = tl.where(
+            total[:, None] > 0, tl.load(sc + 3 * GR * nb_all + at, mask=okb, other=0.0) / norm[:, None], 0.0
+        )
+        bin_p += _bin(r_p + lam, m_norm, rm_p, extra, ratio, BINS)
+        bin_h += _bin(rho + lam, m_norm, rm_h, extra, ratio, BINS)
+        bin_0 += _bin(lam, m_norm, rm_0, extra, ratio, BINS)
+    at = ((bh * n_parts + part) * 3 * GR + gi[:, None]) * BINS + tl.arange(0, BINS)[None, :]
+    tl.store(bins_ptr + at, tl.sum(bin_p, 1))
+    tl.store(bins_ptr + at + GR * BINS, tl.sum(bin_h, 1))
+    tl.store(bins_ptr + at + 2 * GR * BINS, tl.sum(bin_0, 1))
+
+
+@triton.jit(do_not_specialize=["nb_all", "n_parts"])
+def _lp_kernel(
+    c_ptr, p_ptr, bins_ptr, lp_ptr, nb_all, n_parts,
+    GR: tl.constexpr, BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr,
+):  # fmt: skip
+    """max over grid intervals (PER per program) of the relaxation's bound t - c(t) for one radius set:
+    on each interval the better of three dual multipliers (either endpoint's, and the one balancing
+    the endpoints), each evaluated at both endpoints (``certkv.tv._relaxed``)."""
+    bh = tl.program_id(0)
+    which = tl.program_id(1)
+    group = tl.program_id(2)
+    gi = tl.arange(0, GR)
+    k = tl.arange(0, BINS)
+    _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT, GR, BINS)
+    rm = tl.where(which == 0, rm_p, tl.where(which == 1, rm_h, rm_0))
+    binned = tl.zeros((GR, BINS), tl.float64)
+    PC: tl.constexpr = 8
+    for c0 in range(0, n_parts, PC):
+        c = (c0 + tl.arange(0, PC))[:, None, None]
+        at = (((bh * n_parts + c) * 3 + which) * GR + gi[None, :, None]) * BINS + k[None, None, :]
+        binned += tl.sum(tl.load(bins_ptr + at, mask=c < n_parts, other=0.0), 0)
+    rad = rm[:, None] * tl.load(c_ptr + C_RATIO + k)[None, :]
+    e_up, e_down = tl.exp(rad), tl.exp(-rad)
+    total_b = tl.sum(binned * e_down, 1)
+    tp = (tl.zeros_like(rm) + group * PER) / GRID
+    dem_p = tp * total_b
+    w_p = (1.0 - tp)[:, None] * e_up + tp[:, None] * e_down
+    lam_p = _dual(dem_p, w_p, binned)
+    relaxed = tl.full((GR,), -float("inf"), tl.float64)
+    for i in range(group * PER + 1, group * PER + PER + 1):
+        t = (tl.zeros_like(rm) + i) / GRID
+        dem = t * total_b
+        w = (1.0 - t)[:, None] * e_up + t[:, None] * e_down
+        lam = _dual(dem, w, binned)
+        balance = (t - tp) / tl.maximum(dem - dem_p, 2.0**-60)
+        at_prev = tl.maximum(_objective(tp, lam_p, dem_p, w_p, binned), _objective(t, lam_p, dem, w, binned))
+        at_this = tl.maximum(_objective(tp, lam, dem_p, w_p, binned), _objective(t, lam, dem, w, binned))
+        at_bal = tl.maximum(_objective(tp, balance, dem_p, w_p, binned), _objective(t, balance, dem, w, binned))
+        relaxed = tl.maximum(relaxed, tl.minimum(tl.minimum(at_prev, at_this), at_bal))
+        tp, dem_p, w_p, lam_p = t, dem, w, lam
+    tl.store(lp_ptr + ((bh * 3 + which) * (GRID // PER) + group) * GR + gi, relaxed)
+
+
+@triton.jit
+def _tv(lp_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr):
+    """``certkv.tv.tv_bound(..., divisible=True)``: min(tanh bound, relaxation + float64 slack)."""
+    relaxed = tl.full((GR,), -float("inf"), tl.float64)
+    for group in range(0, GRID // PER):
+        relaxed = tl.maximum(relaxed, tl.load(lp_ptr + ((bh * 3 + which) * (GRID // PER) + group) * GR + gi))
+    base = _tanh_up(r_max, tl.load(c_ptr + C_U64))
+    slack = tl.load(c_ptr + C_SLACK) * tl.exp(2.0 * rm) + 2.0**-45
+    use = (r_max <= tl.load(c_ptr + C_RELAX)) & (total > 0)
+    return tl.minimum(tl.where(use, tl.minimum(base, tl.maximum(relaxed, 0.0) + slack), base), 1.0)
+
+
+@triton.jit(do_not_specialize=["n_quant", "n_exact", "n_splits", "nb_split", "nb_all", "n_parts"])
+def _final_kernel(
+    m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, lp_ptr, out_ptr, fields_ptr,
+    n_quant, n_exact, n_splits, nb_split, nb_all, n_parts,
+    G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
+    BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr, N_FIELDS: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    NVG: tl.constexpr = D // 64
+    gi = tl.arange(0, GR)
+    row = gi < G
+    d = tl.arange(0, D)
+    u64 = tl.load(c_ptr + C_U64)
+
+    # ---- the splits merged in float64: y = acc / l over exact weights 2^(m_s - top) ----
+    top = _top(m_ptr, bh, n_splits, gi, row, GP)
+    n_resc = tl.zeros((GR,), tl.int32)
+    acc = tl.zeros((GR, D), tl.float64)
+    l_sum = tl.zeros((GR,), tl.float64)
+    SC: tl.constexpr = 8
+    for s0 in range(0, n_splits + 1, SC):
+        s = s0 + tl.arange(0, SC)
+        ok = (s <= n_splits)[:, None] & row[None, :]
+        at = (bh * (n_splits + 1) + s[:, None]) * GP + gi[None, :]  # [SC, GR]
+        n_resc = tl.maximum(n_resc, tl.max(tl.load(resc_ptr + at, mask=ok, other=0), 0))
+        m_s = tl.load(m_ptr + at, mask=ok, other=-float("inf")).to(tl.float64)
+        w = tl.where(m_s == -float("inf"), 0.0, tl.exp2(m_s - top[None, :]))
+        part = tl.load(acc_ptr + at[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
+        acc += tl.sum(w[:, :, None] * part, 0)
+        l_sum += tl.sum(w * tl.load(l_ptr + at, mask=ok, other=0.0), 0)
+    y = acc / l_sum[:, None]
+    out = _round_out(y, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (bh * G + gi[:, None]) * D + d[None, :], out, mask=row[:, None])
+    cast = tl.abs(out.to(tl.float64) - y)
+
+    # ---- the chunks' statistics, the three TV bounds ----
+    rp_max = _part(p_ptr, bh, n_parts, S_RP, gi, NSTAT, GR, True)
+    rh_max = _part(p_ptr, bh, n_parts, S_RH, gi, NSTAT, GR, True)
+    eps_max = _part(p_ptr, bh, n_parts, S_EPS, gi, NSTAT, GR, True)
+    lam_max = _part(p_ptr, bh, n_parts, S_LAM, gi, NSTAT, GR, True)
+    vmag_max = _part(p_ptr, bh, n_parts, S_VMAG, gi, NSTAT, GR, True)
+    big = _part(p_ptr, bh, n_parts, S_BIG, gi, NSTAT, GR, True)
+    infl_nb = _inflate(nb_all, u64)
+    dust = _part(p_ptr, bh, n_parts, S_DUST, gi, NSTAT, GR, False) * infl_nb
+    s_w = _part(p_ptr, bh, n_parts, S_SW, gi, NSTAT, GR, False) * infl_nb
+    vg = tl.arange(0, NVG)[None, :]
+    w_eta = tl.zeros((GR, NVG), tl.float64)
+    eta_hi = tl.zeros((GR, NVG), tl.float64)
+    eta_lo = tl.full((GR, NVG), float("inf"), tl.float64)
+    PC: tl.constexpr = 16
+    for c0 in range(0, n_parts, PC):
+        c = (c0 + tl.arange(0, PC))[:, None, None]
+        ok = c < n_parts
+        base = p_ptr + (bh * n_parts + c) * NSTAT * GR + gi[None, :, None]
+        w_eta += tl.sum(tl.load(base + (S_VEC + vg[None]) * GR, mask=ok, other=0.0), 0)
+        eta_hi = tl.maximum(eta_hi, tl.max(tl.load(base + (S_VEC + NVG + vg[None]) * GR, mask=ok, other=0.0), 0))
+        eta_lo = tl.minimum(
+            eta_lo, tl.min(tl.load(base + (S_VEC + 2 * NVG + vg[None]) * GR, mask=ok, other=float("inf")), 0)
+        )
+    w_eta = w_eta * infl_nb
+    eta_lo = tl.where((n_exact > 0) | (n_quant == 0), 0.0, eta_lo)  # exact tokens carry no value error
+    rmax_p, rmax_h, rmax_0, rm_p, rm_h, rm_0, _, total = _radius_sets(
+        p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT, GR, BINS
+    )
+    tv_p = _tv(lp_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, GRID, PER)
+    tv_h = _tv(lp_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, GRID, PER)
+    tv_0 = _tv(lp_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, GRID, PER)
+
+    # ---- the terms: TV forms, the kernel's rounding, per channel; then the fields ----
+    dust_max = tl.load(c_ptr + C_DUSTMAX)
+    grow_p = tl.where(rp_max <= dust_max, tl.exp(2.0 * rp_max), float("inf"))
+    grow_h = tl.where(rh_max <= dust_max, tl.exp(2.0 * rh_max), float("inf"))
+    tv_pi = tl.minimum(tv_p + grow_p * dust, 1.0)
+    tv_key = tl.minimum(tl.minimum(_tanh_up(eps_max, u64), tv_p + tv_h + (grow_p + grow_h) * dust), 1.0)
+    tv_hat = tl.minimum(tl.minimum(_tanh_up(rh_max, u64), tv_0 + tv_h + (1.0 + grow_h) * dust), 1.0)
+    tv_direct = tl.minimum(tl.minimum(_tanh_up(rp_max, u64), tv_p + tv_0 + (grow_p + 1.0) * dust), 1.0)
+    tv_tilde = tl.minimum(tv_0 + dust, 1.0)
+
+    # the kernel's weights against exact ones: K rescales, nb blocks per split (product_error: y e^y)
+    k_f = (n_resc + 1).to(tl.float64)
+    y_k = k_f * tl.load(c_ptr + C_L1A)
+    alpha_k = y_k * tl.exp(y_k) * (1.0 + 2.0**-40)
+    l1ab = tl.load(c_ptr + C_L1AB)
+    beta_k = k_f * tl.load(c_ptr + C_BETA1) * tl.exp((k_f - 1.0) * l1ab) * (1.0 + 2.0**-40)
+    dot_u, u32 = tl.load(c_ptr + C_DOTU), tl.load(c_ptr + C_U32)
+    comb = _gamma(2 * n_splits + 8, u64)
+    g_sum = _gamma(BLK + 2 * nb_split + 8, u32)
+    g_acc = _gamma(BLK + 2 * nb_split + 8, dot_u)
+    n_f = (n_quant + n_exact) * tl.full((GR,), 1.0, tl.float64)
+    c_l = (1.0 + alpha_k) * (1.0 + g_sum) * (1.0 + comb) - 1.0
+    l_w = (l_sum + n_f * beta_k) * tl.load(c_ptr + C_INF4) / (1.0 - c_l)
+    err_l = c_l * l_w + n_f * beta_k * (1.0 + comb)
+    v_rel, a_abs, p_rel = tl.load(c_ptr + C_VREL), tl.load(c_ptr + C_ABS), tl.load(c_ptr + C_PREL)
+    v_used = s_w * (1.0 + v_rel) + a_abs * l_w
+    c_n = (1.0 + p_rel) * (1.0 + alpha_k) * (1.0 + g_acc) * (1.0 + comb) - 1.0
+    weight_abs = (1.0 + p_rel) * beta_k + tl.load(c_ptr + C_PABS) * tl.exp(n_resc.to(tl.float64) * l1ab)
+    weight_abs = weight_abs * (1.0 + g_acc)
+    err_n = c_n * v_used + v_rel * s_w + a_abs * l_w + n_f * weight_abs * (vmag_max * (1.0 + v_rel) + a_abs)
+    err_n = err_n * (1.0 + 2.0**-40)
+    quotient = (err_n[:, None] + (tl.abs(acc) + err_n[:, None]) * err_l[:, None]) / l_sum[:, None]
+    division = 2.0 * u64 * tl.abs(y)
+
+    live_sum = total / (1.0 + _gamma(nb_all, u64))
+    pi_eta = w_eta * tl.exp(lam_max)[:, None] * (1.0 + 4.0 * u64) / live_sum[:, None]
+    pi_eta = tl.where(live_sum[:, None] > 0, pi_eta, eta_hi)
+    # per channel j: its value group j // 64
+    pi_eta_j = tl.reshape(tl.broadcast_to(pi_eta[:, :, None], (GR, NVG, 64)), (GR, D))
+    eta_max = tl.reshape(tl.broadcast_to(eta_hi[:, :, None], (GR, NVG, 64)), (GR, D))
+    eta_min = tl.reshape(tl.broadcast_to(eta_lo[:, :, None], (GR, NVG, 64)), (GR, D))
+    v_range = (tl.load(vmax_ptr + bh * D + d).to(tl.float64) - tl.load(vmin_ptr + bh * D + d).to(tl.float64))[None, :]
+    key_j = tv_key[:, None] * v_range
+    value_j = pi_eta_j + tv_pi[:, None] * (eta_max - eta_min)
+    cross_j = tv_key[:, None] * 2.0 * eta_max
+    round_j = (cast + division + quotient + tv_hat[:, None] * (v_range + 2.0 * eta_max)) * (1.0 + 2.0**-40)
+    direct_j = (
+        cast + division + quotient + tv_direct[:, None] * v_range + pi_eta_j + tv_tilde[:, None] * (eta_max - eta_min)
+    ) * (1.0 + 2.0**-40)
+    total_j = tl.minimum((key_j + value_j + cross_j + round_j) * (1.0 + 2.0**-40), direct_j)
+
+    # operands that would overflow the precision, or a non-finite result: nothing is certified
+    limit = tl.load(c_ptr + C_LIMIT)
+    too_big = (big > limit).to(tl.int32) + (vmag_max * (1.0 + v_rel) > limit).to(tl.int32)
+    bad_y = tl.sum(((tl.abs(y) == float("inf")) | (y != y)).to(tl.int32), 1)
+    bad_t = tl.sum(((tl.abs(total_j) == float("inf")) | (total_j != total_j)).to(tl.int32), 1)
+    broken = (too_big + bad_y + bad_t + (l_sum > 0).to(tl.int32)) != 1
+    inf = float("inf")
+    f = fields_ptr + (bh * G + gi) * N_FIELDS
+    tl.store(f + 0, tl.where(broken, inf, tv_key), mask=row)
+    tl.store(f + 1, tl.where(broken, inf, tl.max(key_j, 1)), mask=row)
+    tl.store(f + 2, tl.where(broken, inf, tl.max(value_j, 1)), mask=row)
+    tl.store(f + 3, tl.where(broken, inf, tl.max(cross_j, 1)), mask=row)
+    tl.store(f + 4, tl.where(broken, inf, tl.max(round_j, 1)), mask=row)
+    tl.store(f + 5, tl.where(broken, inf, tl.max(total_j, 1)), mask=row)
+    tl.store(f + 6, _tanh_up(rp_max, u64), mask=row)
+    tl.store(f + 7, rp_max, mask=row)
+
+
+def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int = 528) -> int:
+    """Quantized blocks per program of the block passes: about ``target_programs`` in all (four per SM
+    of an H100), a multiple of ``per``."""
+    want = -(-n_blocks * batch_heads // target_programs)
+    return max(per, -(-want // per) * per)
+
+
+def certify(
+    q: torch.Tensor,
+    t1: Tier1,
+    partials: Partials,
+    scale: float,
+    precision: str,
+    v_min: torch.Tensor,
+    v_max: torch.Tensor,
+    out_dtype: torch.dtype,
+    deq16: bool = False,
+) -> tuple[torch.Tensor, streaming.Certificate]:
+    """``certkv.streaming.certify`` in four launches: the output [B, H, G, D] in ``out_dtype`` and its
+    certificate (fields [B, H, G]), with the same guarantee (output_bound >= max_j |output_j - o_j|)."""
+    streaming.arithmetic(q, t1, precision, deq16)
+    p = partials
+    assert p.bmass is not None and p.bframe is not None and p.resc is not None
+    b, h, g, d = q.shape
+    bh = b * h
+    n_quant = t1.kc.shape[2]
+    empty = t1.sink_k[:, :, :0]
+    segments = t1.exact_segments() + [(empty, empty)] * (3 - len(t1.exact_segments()))
+    counts = [sk.shape[2] for sk, _ in segments]
+    blk = p.block
+    nb_all = p.bmass.shape[1]
+    assert nb_all == block_count(n_quant, tuple(counts), blk) and d % VALUE_GROUP == 0
+    nb_split = max(p.chunk // blk, block_count(0, tuple(counts), blk), 1)
+    cb = 8
+    chunk = chunks_for(bh, n_quant // blk, cb)
+    n_chunks = -(-(n_quant // blk) // chunk)
+    n_parts = n_chunks + nb_all - n_quant // blk  # the quantized chunks, then one part per exact block
+    gr = triton.next_power_of_2(g)
+    nstat = 11 + 3 * (d // VALUE_GROUP)
+    dev = q.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    out = torch.empty(b, h, g, d, dtype=out_dtype, device=dev)
+    fields = torch.empty(bh, g, N_FIELDS, **f64)  # type: ignore[arg-type]
+    scratch = torch.empty(bh, 4, gr, max(nb_all, 1), **f64)  # type: ignore[arg-type]
+    stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
+    bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
+    lp = torch.empty(bh, 3, GRID // LP_INTERVALS, gr, **f64)  # type: ignore[arg-type]
+    consts = _constants(dev, precision, deq16, float(scale), d, blk)
+    shape = dict(GR=gr, BINS=BINS, NSTAT=nstat)
+    _blocks_kernel[(bh, n_parts)](
+        q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
+        p.m, p.bmass, p.bframe, consts, scratch, stats,
+        n_quant, *counts, p.splits, nb_all, chunk, n_chunks, n_parts,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=cb, TOK=16, NSTAT=nstat, num_warps=WARPS["blocks"],
+    )  # fmt: skip
+    _bins_kernel[(bh, n_parts)](
+        consts, scratch, stats, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
+        BLK=blk, CB=cb, num_warps=WARPS["bins"], **shape,
+    )  # fmt: skip
+    _lp_kernel[(bh, 3, GRID // LP_INTERVALS)](
+        consts, stats, bins, lp, nb_all, n_parts, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"], **shape
+    )
+    _final_kernel[(bh,)](
+        p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,
+        n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
+        G=g, GP=p.m.shape[-1], D=d, BLK=blk, GRID=GRID, PER=LP_INTERVALS, N_FIELDS=N_FIELDS,
+        num_warps=WARPS["final"], **shape,
+    )  # fmt: skip
+    bounds = {name: fields[..., i].reshape(b, h, g) for i, name in enumerate(streaming.BOUND_FIELDS)}
+    return out, streaming.stage0_certificate(bounds)

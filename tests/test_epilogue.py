@@ -1,0 +1,80 @@
+"""The fused certificate epilogue (certkv.kernels.epilogue) against its torch reference
+(certkv.streaming.certify) on the same kernel statistics, and against the exact reference. On the
+CPU it runs in Triton's interpreter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from certkv.kernels import epilogue
+from certkv.kernels.decode import decode_partials, from_cache
+
+from certkv.streaming import BOUND_FIELDS, certify
+from tests.helpers import assert_sound, kernel_result, make_q
+from tests.test_streaming import CASES, DEVICE, SCALE, cache_of, promoted_cache
+
+
+def both(cache, q, precision, splits=None, **launch):
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    deq16 = launch.get("deq16", False)
+    partials = decode_partials(q, t1, SCALE, splits, precision=precision, cert=True, **launch)
+    args = (q, t1, partials, SCALE, precision, st.v_min, st.v_max, q.dtype, deq16)
+    return certify(*args), epilogue.certify(*args)
+
+
+def assert_same(ref, fused):
+    """Same outputs (NaN where the reference has NaN); every field within float64 reordering (sums in
+    another order, tanh through exp)."""
+    torch.testing.assert_close(fused[0], ref[0], rtol=0, atol=0, equal_nan=True)
+    for name in BOUND_FIELDS:
+        want, got = getattr(ref[1], name), getattr(fused[1], name)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("dtype, precision, launch, shape, splits, q_scale", CASES)
+def test_fused_epilogue_is_its_reference(dtype, precision, launch, shape, splits, q_scale):
+    b, hkv, g, n = shape
+    cache = cache_of(b, hkv, n, dtype, seed=n)
+    q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE).reshape(b, hkv, g, 128)
+    ref, fused = both(cache, q, precision, splits, **launch)
+    assert_same(ref, fused)
+    assert all(math.isfinite(x) for x in fused[1].output_bound.flatten().tolist())
+
+
+def test_no_exact_tokens():
+    cache = cache_of(1, 2, 512, torch.float16, seed=5, window=0, sinks=0)
+    q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2).to(DEVICE)
+    ref, fused = both(cache, q.reshape(1, 2, 2, 128), "ieee")
+    assert_same(ref, fused)
+    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "ieee", epilogue="fused"))
+
+
+def test_fused_epilogue_refuses_and_flags_like_its_reference():
+    cache = cache_of(1, 1, 300, torch.float16)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    q = make_q(b=1, hq=2, d=128, dtype=torch.float16).to(DEVICE).reshape(1, 1, 2, 128)
+    partials = decode_partials(q, t1, SCALE, precision="tf32", cert=True)
+    with pytest.raises(ValueError, match="no rounding model"):
+        epilogue.certify(q, t1, partials, SCALE, "tf32", st.v_min, st.v_max, q.dtype)
+    # dequantized keys reaching 73,500 overflow FP16 operands: nothing certified, by both
+    t1.ks[..., 0] = 300.0
+    t1.kz[..., 0] = -3000.0
+    ref, fused = both(cache, q, "fp16")
+    assert bool(torch.isinf(fused[1].output_bound).all())
+    assert_same(ref, fused)
+
+
+def test_promoted_tokens_through_the_fused_epilogue():
+    cache = promoted_cache(1)
+    assert int(cache.promoted_count(0).min()) > 0
+    q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=11).to(DEVICE)
+    ref, fused = both(cache, q.reshape(1, 2, 2, 128), "fp16", splits=2, block=32)
+    assert_same(ref, fused)
+    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "fp16", splits=2, epilogue="fused", block=32))

@@ -176,3 +176,15 @@ def test_promoted_tokens_are_served_from_their_exact_copies():
 
     want = decode_reference(qg.cpu(), on_cpu(t1), SCALE)
     assert float((combine(got, 2).reshape(want.shape).double().cpu() - want).abs().max()) < 2e-6
+
+
+def test_head_dims_the_kernels_cannot_tile_go_to_the_torch_path():
+    # 192 channels: whole value groups, but not a power of two (the kernels tile D whole)
+    k, v = make_kv(b=1, hkv=1, n=300, d=192, dtype=torch.float16, seed=2)
+    cfg = certkv.CertConfig(decode_kernel="always", out_tol=1.0, tv_tol=1.0)
+    cache = certkv.TieredKVCache(1, 1, 192, config=cfg, device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    q = make_q(b=1, hq=2, d=192, dtype=torch.float16, seed=3).to(DEVICE)
+    result = cache.attend(0, q)
+    assert cache.kernel_steps == {"tried": 0, "served": 0}
+    assert_sound(cache, 0, q.cpu(), result)

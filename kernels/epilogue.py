@@ -52,7 +52,8 @@ S_VEC = tl.constexpr(11)
 N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
-WARPS = {"blocks": 4, "bins": 4, "lp": 8, "final": 4}
+WARPS = {"blocks": 2, "bins": 2, "lp": 8, "final": 4}
+STEP = {"blocks": 8, "bins": 16}  # blocks per loop iteration (a chunk is a whole number of block steps)
 LP_INTERVALS = 8
 
 
@@ -617,8 +618,7 @@ def certify(
     nb_all = p.bmass.shape[1]
     assert nb_all == block_count(n_quant, tuple(counts), blk) and d % VALUE_GROUP == 0
     nb_split = max(p.chunk // blk, block_count(0, tuple(counts), blk), 1)
-    cb = 8
-    chunk = chunks_for(bh, n_quant // blk, cb)
+    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"])
     n_chunks = -(-(n_quant // blk) // chunk)
     n_parts = n_chunks + nb_all - n_quant // blk  # the quantized chunks, then one part per exact block
     gr = triton.next_power_of_2(g)
@@ -637,11 +637,11 @@ def certify(
         q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
         p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, *counts, p.splits, nb_all, chunk, n_chunks, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=cb, TOK=16, NSTAT=nstat, num_warps=WARPS["blocks"],
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], TOK=16, NSTAT=nstat, num_warps=WARPS["blocks"],
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](
         consts, scratch, stats, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
-        BLK=blk, CB=cb, num_warps=WARPS["bins"], **shape,
+        BLK=blk, CB=STEP["bins"], num_warps=WARPS["bins"], **shape,
     )  # fmt: skip
     _lp_kernel[(bh, 3, GRID // LP_INTERVALS)](
         consts, stats, bins, lp, nb_all, n_parts, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"], **shape

@@ -5,13 +5,13 @@
 whatever the context): more than the decode kernel itself. Here the same float64 arithmetic
 (docs/theory.md section 8) runs in four launches, each spread over the GPU:
 
-1. ``_blocks_kernel`` (batch row x KV head, chunk of blocks; the last chunk takes the sink, window
-   and promoted tokens): logit radii from |q| and the key scales, block masses and their accuracy,
+1. ``_blocks_kernel`` (batch row x KV head, part: a chunk of quantized blocks or one block of sink,
+   window or promoted tokens): logit radii from |q| and the key scales, block masses and their accuracy,
    the dust, value magnitudes and radii weighted by the masses. Per block the radii, accuracy and
-   live mass go to a scratch buffer; per chunk the partial maxima and sums to another;
-2. ``_bins_kernel`` (same grid): each chunk's blocks binned into the divisible total-variation
+   live mass go to a scratch buffer; per part the partial maxima and sums to another;
+2. ``_bins_kernel`` (same grid): each part's blocks binned into the divisible total-variation
    relaxation of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
-   the maxima over all chunks;
+   the maxima over all parts;
 3. ``_lp_kernel`` (row x head, radius set, group of grid intervals): the relaxation bounded on each
    interval of its grid;
 4. ``_final_kernel`` (row x head): the splits merged into the output, the TV bounds, the terms per

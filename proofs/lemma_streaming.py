@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import z3
 
-LEMMA = "streamed certificate: product of perturbed factors (k <= 3), block-mass log-ratio, dust share"
+LEMMA = "streamed certificate: product of perturbed factors (k <= 2), block-mass log-ratio, dust share"
 THEORY = "nonlinear real arithmetic (NRA)"
 
 

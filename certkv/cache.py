@@ -76,13 +76,6 @@ class _Layer:
         return 0 if self.qk is None else self.qk.num_tokens
 
 
-# "auto" serves stage 0 through the decode kernel from this many quantized tokens on. Per layer-step on
-# the H100 the kernel with its fused epilogue costs 0.5-0.7 ms eager against 11 ms (2K) to 48 ms (128K)
-# for the torch path, but below 32K its bound is 1.5-1.8x looser, a step it leaves uncertified pays
-# both, and on the tiny model at 2K (compiles included) it served fewer tokens/s (docs/benchmarks.md)
-KERNEL_AUTO_TOKENS = 65536
-
-
 class TieredKVCache:
     """A KV cache for ``num_layers`` layers of ``num_kv_heads`` heads of size ``head_dim``.
 
@@ -455,7 +448,11 @@ class TieredKVCache:
         cfg = self.config
         if cfg.decode_kernel == "never":
             return None
-        if cfg.decode_kernel == "auto" and (self.device.type != "cuda" or st.n_quant < KERNEL_AUTO_TOKENS):
+        # "auto": on CUDA at any length. Per layer-step on the H100 the kernel with its fused epilogue
+        # costs 0.5-0.7 ms eager against 11 ms (2K) to 48 ms (128K) on the torch path; a step it
+        # leaves uncertified pays both, and on the tiny model at 2K the kernel first still served more
+        # tokens/s once compiled (docs/benchmarks.md)
+        if cfg.decode_kernel == "auto" and self.device.type != "cuda":
             return None
         usable = self._kernel_layout and self.transform is None and self.recorder is None
         if not usable or st.qk is None or st.v_min is None:

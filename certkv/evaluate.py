@@ -267,7 +267,8 @@ def paired_difference(a: MethodResult, b: MethodResult) -> tuple[float, float]:
 def to_markdown(results: list[MethodResult], unit: str = "byte") -> str:
     """One table per task: rows are settings x methods; quality with its standard error, the paired
     difference from dense, the share of head-steps served per ladder stage, head-steps over
-    tolerance, Tier-1 memory ratio and speed."""
+    tolerance, Tier-1 memory ratio, layer-steps the decode kernel certified of those it was tried on,
+    and speed."""
     lines = []
     titles = {
         "bpb": f"bits per {unit} (lower is better)",
@@ -283,9 +284,9 @@ def to_markdown(results: list[MethodResult], unit: str = "byte") -> str:
         lines += [f"**{task}**: {title}", ""]
         lines.append(
             "| setting | method | quality ± s.e. | Δ vs dense ± s.e. (paired) | stage 0/1/2/3 share "
-            "| over tolerance | Tier-1/FP16 | tokens/s |"
+            "| over tolerance | Tier-1/FP16 | kernel served/tried | tokens/s |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         dense = {r.setting: r for r in rows if r.method == "dense"}
         for r in rows:
             ref = dense.get(r.setting)
@@ -293,9 +294,11 @@ def to_markdown(results: list[MethodResult], unit: str = "byte") -> str:
             delta = f"{diff:+.4f} ± {err:.4f}" if math.isfinite(diff) else "-"
             share = "/".join(f"{x:.1%}" for x in r.fallback) if sum(r.stages) else "-"
             mem = f"{r.memory_ratio:.3f}" if math.isfinite(r.memory_ratio) else "-"
+            tried = r.kernel_steps["tried"]
+            kernel = f"{r.kernel_steps['served']}/{tried}" if tried else "-"
             lines.append(
                 f"| {r.setting} | {r.method} | {r.quality:.4f} ± {r.stderr:.4f} | {delta} | {share} | {r.rejected} "
-                f"| {mem} | {r.tokens_per_s:.1f} |"
+                f"| {mem} | {kernel} | {r.tokens_per_s:.1f} |"
             )
         lines.append("")
     return "\n".join(lines)

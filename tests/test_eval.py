@@ -105,3 +105,13 @@ def test_eval_runs_any_local_checkpoint_with_its_own_tokenizer(tmp_path, capsys)
     assert main(args) == 0
     md = (tmp_path / "r.md").read_text()
     assert "bits per token" in md and "| ctx 200 | certified |" in md and "| len 220 | naive |" in md
+
+
+def test_markdown_shows_the_layer_steps_the_kernel_served():
+    from certkv.evaluate import to_markdown
+
+    served = MethodResult("bpb", "ctx 2048", "certified-kernel", 1.3, 0.3, [1.3], [9, 1, 1, 0], 0, 0.58, 8.5,
+                          {"tried": 378, "served": 185})  # fmt: skip
+    torch_path = MethodResult("bpb", "ctx 2048", "certified-torch", 1.3, 0.3, [1.3], [9, 1, 1, 0], 0, 0.58, 7.7)
+    rows = [line for line in to_markdown([served, torch_path]).splitlines() if line.startswith("| ctx")]
+    assert "| 0.580 | 185/378 | 8.5 |" in rows[0] and "| 0.580 | - | 7.7 |" in rows[1]

@@ -67,11 +67,9 @@ def check(gen: torch.Generator) -> list[dict]:
             qg = q.reshape(b, hkv, g, D)
             out, cert = kernel_step(qg, t1, D**-0.5, st.v_min, st.v_max)
             launch = dict(precision=serving_precision(dtype))
-            parts = decode_partials(qg, t1, D**-0.5, cert=True, **launch)
-            args = (qg, t1, parts, D**-0.5, launch["precision"], st.v_min, st.v_max, dtype)
-            (ref_out, ref), (fused_out, fused) = certify(*args), epilogue.certify(*args)
-            fused_rel = max(_rel_diff(getattr(fused, f), getattr(ref, f)) for f in BOUND_FIELDS)
-            assert torch.equal(ref_out, fused_out) and fused_rel < 1e-9, fused_rel
+            args = _epilogue_args(qg, t1, D**-0.5, st.v_min, st.v_max, dtype, launch)
+            _, fused_rel, equal = _compare_epilogues(args)
+            assert equal and fused_rel < 1e-9, fused_rel
             heads = [(bi, hi) for bi in range(b) for hi in range(hkv)]
             if n > 8192:
                 pick = torch.randperm(len(heads), generator=torch.Generator().manual_seed(n + b))[:4]
@@ -113,10 +111,23 @@ def check(gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def _step(qg, t1, scale, v_min, v_max, launch: dict, epi=epilogue.certify):
-    """One certified stage-0 step: the kernel with its statistics, then an epilogue."""
+def _epilogue_args(qg, t1, scale, v_min, v_max, out_dtype, launch: dict) -> tuple:
+    """The kernel with its statistics (one launch), then the arguments both epilogues take."""
     parts = decode_partials(qg, t1, scale, cert=True, **launch)
-    return epi(qg, t1, parts, scale, launch["precision"], v_min, v_max, torch.float16, bool(launch.get("deq16", False)))
+    return qg, t1, parts, scale, launch["precision"], v_min, v_max, out_dtype, bool(launch.get("deq16", False))
+
+
+def _step(qg, t1, scale, v_min, v_max, launch: dict):
+    """One certified stage-0 step: the kernel with its statistics, then the fused epilogue."""
+    return epilogue.certify(*_epilogue_args(qg, t1, scale, v_min, v_max, torch.float16, launch))
+
+
+def _compare_epilogues(args: tuple) -> tuple:
+    """Both epilogues on the same statistics: the fused certificate, the largest relative difference
+    of their fields and whether the outputs are equal."""
+    (ref_out, ref), (out, fused) = certify(*args), epilogue.certify(*args)
+    rel = max(_rel_diff(getattr(fused, f), getattr(ref, f)) for f in BOUND_FIELDS)
+    return fused, rel, bool(torch.equal(out, ref_out))
 
 
 def _rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -146,26 +157,20 @@ def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list
                     for cert in (False, True):
                         fn = functools.partial(decode_partials, qg, t1, scale, cert=cert, **launch)
                         row[f"{name}{'_cert' if cert else ''}_ms_{tag}"] = bench(fn, graph)
-                    parts = decode_partials(qg, t1, scale, cert=True, **launch)
-                    epi = functools.partial(epilogue.certify, qg, t1, parts, scale, launch["precision"], v_min, v_max,
-                                            torch.float16, bool(launch.get("deq16", False)))  # fmt: skip
-                    row[f"{name}_fused_epilogue_ms_{tag}"] = bench(epi, graph)
+                    args = _epilogue_args(qg, t1, scale, v_min, v_max, torch.float16, launch)
+                    row[f"{name}_fused_epilogue_ms_{tag}"] = bench(functools.partial(epilogue.certify, *args), graph)
                     step = functools.partial(_step, qg, t1, scale, v_min, v_max, launch)
                     row[f"{name}_step_ms_{tag}"] = bench(step, graph)
             for name, launch in LAUNCHES.items():
-                parts = decode_partials(qg, t1, scale, cert=True, **launch)
-                args = (qg, t1, parts, scale, launch["precision"], v_min, v_max, torch.float16,
-                        bool(launch.get("deq16", False)))  # fmt: skip
+                args = _epilogue_args(qg, t1, scale, v_min, v_max, torch.float16, launch)
                 row[f"{name}_torch_epilogue_ms_eager"] = float(
                     do_bench(functools.partial(certify, *args), warmup=3, rep=50, return_mode="median")
                 )
                 row[f"{name}_overhead_graph"] = row[f"{name}_cert_ms_graph"] / row[f"{name}_ms_graph"] - 1
-                (ref_out, ref), (out, fused) = certify(*args), epilogue.certify(*args)
+                fused, rel, equal = _compare_epilogues(args)
                 row[f"{name}_bound_median"] = float(fused.output_bound.median())
-                row[f"{name}_fused_vs_torch_max_rel"] = max(
-                    _rel_diff(getattr(fused, f), getattr(ref, f)) for f in BOUND_FIELDS
-                )
-                row[f"{name}_fused_output_equal"] = bool(torch.equal(out, ref_out))
+                row[f"{name}_fused_vs_torch_max_rel"] = rel
+                row[f"{name}_fused_output_equal"] = equal
             print(json.dumps(row), flush=True)
             rows.append(row)
             del t1, k, v

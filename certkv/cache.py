@@ -127,8 +127,8 @@ class TieredKVCache:
             for i in range(num_layers)
         ]
         self._pin = self.device.type == "cuda"
-        # the Triton kernels implement the paper layout; on CUDA appends go through certkv.kernels.append
-        # the Triton kernels tile the head dimension whole: a power of two, at least one value group
+        # the Triton kernels implement the paper layout and tile the head dimension whole (a power of
+        # two, at least one value group); on CUDA appends go through certkv.kernels.append
         self._kernel_layout = cfg.paper_layout and head_dim >= 64 and head_dim & (head_dim - 1) == 0
         self._append_kernel = self._pin and self._kernel_layout
         # layer-steps the decode kernel was tried on and served (CertConfig.decode_kernel)

@@ -11,11 +11,12 @@ whatever the context): more than the decode kernel itself. Here the same float64
    live mass go to a scratch buffer; per part the partial maxima and sums to another;
 2. ``_bins_kernel`` (same grid): each part's blocks binned into the divisible total-variation
    relaxation of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
-   the maxima over all parts;
+   the maxima over all parts (each program reduces the parts' radius-set slots in one pass; the
+   first stores them for the next launch);
 3. ``_lp_kernel`` (row x head, radius set, group of grid intervals): the relaxation bounded on each
    interval of its grid;
-4. ``_final_kernel`` (row x head): the splits merged into the output, the TV bounds, the terms per
-   channel and the certificate's fields.
+4. ``_final_kernel`` (row x head): the splits merged into the output, all the parts' statistics
+   reduced in one pass, the TV bounds, the terms per channel and the certificate's fields.
 
 Partial results are reduced in a fixed order, so the result does not depend on scheduling.
 Differences from the torch reference, each a few units of float64 rounding: sums run in another
@@ -49,11 +50,13 @@ KGROUP = tl.constexpr(KEY_GROUP)
 # the per-chunk partial statistics' slots (then NVG slots each of w_eta, eta_hi, eta_lo)
 S_RP, S_RH, S_EPS, S_LAM, S_RLP, S_RLH, S_DUST, S_TOTAL, S_SW, S_VMAG, S_BIG = map(tl.constexpr, range(11))
 S_VEC = tl.constexpr(11)
+NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning pass reduces them once)
 N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
 WARPS = {"blocks": 2, "bins": 2, "lp": 8, "final": 4}
 STEP = {"blocks": 8, "bins": 16}  # blocks per loop iteration (a chunk is a whole number of block steps)
+PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
 LP_INTERVALS = 8
 
 
@@ -166,7 +169,7 @@ def _dual(dem, w, mass):
 @triton.jit
 def _top(m_ptr, bh, n_splits, gi, row, GP: tl.constexpr):
     """The largest split maximum of each row (float64; 0 for padding rows)."""
-    PC: tl.constexpr = 16
+    PC: tl.constexpr = 64
     top = tl.full(gi.shape, -float("inf"), tl.float64)
     for s0 in range(0, n_splits + 1, PC):
         s = s0 + tl.arange(0, PC)
@@ -177,31 +180,57 @@ def _top(m_ptr, bh, n_splits, gi, row, GP: tl.constexpr):
 
 
 @triton.jit
-def _part(p_ptr, bh, n_parts, j, gi, NSTAT: tl.constexpr, GR: tl.constexpr, MAX: tl.constexpr):
-    """Slot j of the chunks' partial statistics (all >= 0) reduced over the chunks: max (MAX) or sum."""
-    PC: tl.constexpr = 32
-    out = tl.zeros((GR,), tl.float64)
+def _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT: tl.constexpr, NS: tl.constexpr, NVG: tl.constexpr, GR: tl.constexpr):
+    """The first NS slots of the parts' partial statistics reduced over the parts in one pass, [NS, GR]:
+    sums for the dust, live mass, weighted magnitudes and w_eta; minima for eta_lo; maxima for the rest
+    (all >= 0). The parts are visited in a fixed order, so the sums do not depend on scheduling."""
+    PC: tl.constexpr = 256 // NS
+    sl = tl.arange(0, NS)
+    is_sum = (sl == S_DUST) | (sl == S_TOTAL) | (sl == S_SW) | ((sl >= S_VEC) & (sl < S_VEC + NVG))
+    is_min = sl >= S_VEC + 2 * NVG
+    total = tl.zeros((NS, GR), tl.float64)
+    high = tl.zeros((NS, GR), tl.float64)
+    low = tl.full((NS, GR), float("inf"), tl.float64)
     for c0 in range(0, n_parts, PC):
-        c = c0 + tl.arange(0, PC)
-        at = ((bh * n_parts + c[:, None]) * NSTAT + j) * GR + gi[None, :]
-        x = tl.load(p_ptr + at, mask=(c < n_parts)[:, None], other=0.0)
-        if MAX:
-            out = tl.maximum(out, tl.max(x, 0))
-        else:
-            out += tl.sum(x, 0)
-    return out
+        c = (c0 + tl.arange(0, PC))[:, None, None]
+        ok = (c < n_parts) & (sl < NSTAT)[None, :, None]
+        at = ((bh * n_parts + c) * NSTAT + sl[None, :, None]) * GR + gi[None, None, :]
+        x = tl.load(p_ptr + at, mask=ok, other=0.0)
+        total += tl.sum(x, 0)
+        high = tl.maximum(high, tl.max(x, 0))
+        low = tl.minimum(low, tl.min(tl.where(ok, x, float("inf")), 0))
+    return tl.where(is_sum[:, None], total, tl.where(is_min[:, None], low, high))
 
 
 @triton.jit
-def _radius_sets(p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT: tl.constexpr, GR: tl.constexpr, BINS: tl.constexpr):
+def _slot(red, j, NS: tl.constexpr):
+    """Slot j [GR] of a reduced statistics tile [NS, GR]."""
+    return tl.sum(tl.where((tl.arange(0, NS) == j)[:, None], red, 0.0), 0)
+
+
+@triton.jit
+def _slots(red, j, NS: tl.constexpr, NVG: tl.constexpr):
+    """Slots j .. j + NVG - 1 [GR, NVG] of a reduced statistics tile [NS, GR]."""
+    pick = tl.arange(0, NS)[:, None, None] == j + tl.arange(0, NVG)[None, None, :]
+    return tl.sum(tl.where(pick, red[:, :, None], 0.0), 0)
+
+
+@triton.jit
+def _summary_at(bh, gi, GR: tl.constexpr):
+    """Where (row, head) ``bh``'s radius-set slots (the first NSUM, reduced by the binning pass) lie."""
+    return (bh * NSUM + tl.arange(0, NSUM)[:, None]) * GR + gi[None, :]
+
+
+@triton.jit
+def _radius_sets(red, c_ptr, nb_all, NS: tl.constexpr, BINS: tl.constexpr):
     """Per row: the largest radius of the sets p, p_hat, p~ (r + lambda; ``tv_bound``'s r_max, with its
     rounding allowance ``extra``), the same clamped to the relaxation's range, and the live mass."""
     extra = 4.0 * _gamma(nb_all + BINS + 8, tl.load(c_ptr + C_U64))
     relax = tl.load(c_ptr + C_RELAX)
-    r_p = _part(p_ptr, bh, n_parts, S_RLP, gi, NSTAT, GR, True) + extra
-    r_h = _part(p_ptr, bh, n_parts, S_RLH, gi, NSTAT, GR, True) + extra
-    r_0 = _part(p_ptr, bh, n_parts, S_LAM, gi, NSTAT, GR, True) + extra
-    total = _part(p_ptr, bh, n_parts, S_TOTAL, gi, NSTAT, GR, False)
+    r_p = _slot(red, S_RLP, NS) + extra
+    r_h = _slot(red, S_RLH, NS) + extra
+    r_0 = _slot(red, S_LAM, NS) + extra
+    total = _slot(red, S_TOTAL, NS)
     return r_p, r_h, r_0, tl.minimum(r_p, relax), tl.minimum(r_h, relax), tl.minimum(r_0, relax), extra, total
 
 
@@ -357,14 +386,20 @@ def _blocks_kernel(
 
 @triton.jit(do_not_specialize=["n_quant", "nb_all", "chunk", "n_chunks", "n_parts"])
 def _bins_kernel(
-    c_ptr, scratch_ptr, p_ptr, bins_ptr, n_quant, nb_all, chunk, n_chunks, n_parts,
+    c_ptr, scratch_ptr, p_ptr, s_ptr, bins_ptr, n_quant, nb_all, chunk, n_chunks, n_parts,
     GR: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, BINS: tl.constexpr, NSTAT: tl.constexpr,
+    NVG: tl.constexpr,
 ):  # fmt: skip
-    """Each chunk's live block masses (normalised) into the bins of the three radius sets."""
+    """Each chunk's live block masses (normalised) into the bins of the three radius sets. Every
+    program reduces the radius-set slots of the parts' statistics (the bin edges need the maxima over
+    all parts); the first stores them for the relaxation."""
     bh = tl.program_id(0)
     part = tl.program_id(1)
     gi = tl.arange(0, GR)
-    _, _, _, rm_p, rm_h, rm_0, extra, total = _radius_sets(p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT, GR, BINS)
+    red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NSUM, NVG, GR)
+    at_s = _summary_at(bh, gi, GR)
+    tl.store(s_ptr + at_s, red, mask=at_s * 0 + part == 0)  # a tensor mask: the interpreter takes no scalar
+    _, _, _, rm_p, rm_h, rm_0, extra, total = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
     ratio = tl.load(c_ptr + C_RATIO + tl.arange(0, BINS))
     norm = tl.where(total > 0, total, 1.0)
     n_qb = n_quant // BLK
@@ -395,8 +430,8 @@ def _bins_kernel(
 
 @triton.jit(do_not_specialize=["nb_all", "n_parts"])
 def _lp_kernel(
-    c_ptr, p_ptr, bins_ptr, lp_ptr, nb_all, n_parts,
-    GR: tl.constexpr, BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr,
+    c_ptr, s_ptr, bins_ptr, lp_ptr, nb_all, n_parts,
+    GR: tl.constexpr, BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr,
 ):  # fmt: skip
     """max over grid intervals (PER per program) of the relaxation's bound t - c(t) for one radius set:
     on each interval the better of three dual multipliers (either endpoint's, and the one balancing
@@ -406,7 +441,8 @@ def _lp_kernel(
     group = tl.program_id(2)
     gi = tl.arange(0, GR)
     k = tl.arange(0, BINS)
-    _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT, GR, BINS)
+    red = tl.load(s_ptr + _summary_at(bh, gi, GR))
+    _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
     rm = tl.where(which == 0, rm_p, tl.where(which == 1, rm_h, rm_0))
     binned = tl.zeros((GR, BINS), tl.float64)
     PC: tl.constexpr = 8
@@ -439,9 +475,8 @@ def _lp_kernel(
 @triton.jit
 def _tv(lp_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr):
     """``certkv.tv.tv_bound(..., divisible=True)``: min(tanh bound, relaxation + float64 slack)."""
-    relaxed = tl.full((GR,), -float("inf"), tl.float64)
-    for group in range(0, GRID // PER):
-        relaxed = tl.maximum(relaxed, tl.load(lp_ptr + ((bh * 3 + which) * (GRID // PER) + group) * GR + gi))
+    group = tl.arange(0, GRID // PER)[:, None]
+    relaxed = tl.max(tl.load(lp_ptr + ((bh * 3 + which) * (GRID // PER) + group) * GR + gi[None, :]), 0)
     base = _tanh_up(r_max, tl.load(c_ptr + C_U64))
     slack = tl.load(c_ptr + C_SLACK) * tl.exp(2.0 * rm) + 2.0**-45
     use = (r_max <= tl.load(c_ptr + C_RELAX)) & (total > 0)
@@ -453,7 +488,8 @@ def _final_kernel(
     m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, lp_ptr, out_ptr, fields_ptr,
     n_quant, n_exact, n_splits, nb_split, nb_all, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
-    BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr, N_FIELDS: tl.constexpr,
+    BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
+    N_FIELDS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     NVG: tl.constexpr = D // 64
@@ -483,35 +519,18 @@ def _final_kernel(
     tl.store(out_ptr + (bh * G + gi[:, None]) * D + d[None, :], out, mask=row[:, None])
     cast = tl.abs(out.to(tl.float64) - y)
 
-    # ---- the chunks' statistics, the three TV bounds ----
-    rp_max = _part(p_ptr, bh, n_parts, S_RP, gi, NSTAT, GR, True)
-    rh_max = _part(p_ptr, bh, n_parts, S_RH, gi, NSTAT, GR, True)
-    eps_max = _part(p_ptr, bh, n_parts, S_EPS, gi, NSTAT, GR, True)
-    lam_max = _part(p_ptr, bh, n_parts, S_LAM, gi, NSTAT, GR, True)
-    vmag_max = _part(p_ptr, bh, n_parts, S_VMAG, gi, NSTAT, GR, True)
-    big = _part(p_ptr, bh, n_parts, S_BIG, gi, NSTAT, GR, True)
+    # ---- the parts' statistics, the three TV bounds ----
+    red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NS2, NVG, GR)
+    rp_max, rh_max, eps_max = _slot(red, S_RP, NS2), _slot(red, S_RH, NS2), _slot(red, S_EPS, NS2)
+    lam_max, vmag_max, big = _slot(red, S_LAM, NS2), _slot(red, S_VMAG, NS2), _slot(red, S_BIG, NS2)
     infl_nb = _inflate(nb_all, u64)
-    dust = _part(p_ptr, bh, n_parts, S_DUST, gi, NSTAT, GR, False) * infl_nb
-    s_w = _part(p_ptr, bh, n_parts, S_SW, gi, NSTAT, GR, False) * infl_nb
-    vg = tl.arange(0, NVG)[None, :]
-    w_eta = tl.zeros((GR, NVG), tl.float64)
-    eta_hi = tl.zeros((GR, NVG), tl.float64)
-    eta_lo = tl.full((GR, NVG), float("inf"), tl.float64)
-    PC: tl.constexpr = 16
-    for c0 in range(0, n_parts, PC):
-        c = (c0 + tl.arange(0, PC))[:, None, None]
-        ok = c < n_parts
-        base = p_ptr + (bh * n_parts + c) * NSTAT * GR + gi[None, :, None]
-        w_eta += tl.sum(tl.load(base + (S_VEC + vg[None]) * GR, mask=ok, other=0.0), 0)
-        eta_hi = tl.maximum(eta_hi, tl.max(tl.load(base + (S_VEC + NVG + vg[None]) * GR, mask=ok, other=0.0), 0))
-        eta_lo = tl.minimum(
-            eta_lo, tl.min(tl.load(base + (S_VEC + 2 * NVG + vg[None]) * GR, mask=ok, other=float("inf")), 0)
-        )
-    w_eta = w_eta * infl_nb
+    dust = _slot(red, S_DUST, NS2) * infl_nb
+    s_w = _slot(red, S_SW, NS2) * infl_nb
+    w_eta = _slots(red, S_VEC, NS2, NVG) * infl_nb
+    eta_hi = _slots(red, S_VEC + NVG, NS2, NVG)
+    eta_lo = _slots(red, S_VEC + 2 * NVG, NS2, NVG)
     eta_lo = tl.where((n_exact > 0) | (n_quant == 0), 0.0, eta_lo)  # exact tokens carry no value error
-    rmax_p, rmax_h, rmax_0, rm_p, rm_h, rm_0, _, total = _radius_sets(
-        p_ptr, c_ptr, bh, n_parts, nb_all, gi, NSTAT, GR, BINS
-    )
+    rmax_p, rmax_h, rmax_0, rm_p, rm_h, rm_0, _, total = _radius_sets(red, c_ptr, nb_all, NS2, BINS)
     tv_p = _tv(lp_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, GRID, PER)
     tv_h = _tv(lp_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, GRID, PER)
     tv_0 = _tv(lp_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, GRID, PER)
@@ -585,9 +604,9 @@ def _final_kernel(
     tl.store(f + 7, rp_max, mask=row)
 
 
-def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int = 528) -> int:
-    """Quantized blocks per program of the block passes: about ``target_programs`` in all (four per SM
-    of an H100), a multiple of ``per``."""
+def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int) -> int:
+    """Quantized blocks per program of the block passes: about ``target_programs`` in all, a multiple
+    of ``per``."""
     want = -(-n_blocks * batch_heads // target_programs)
     return max(per, -(-want // per) * per)
 
@@ -618,7 +637,7 @@ def certify(
     nb_all = p.bmass.shape[1]
     assert nb_all == block_count(n_quant, tuple(counts), blk) and d % VALUE_GROUP == 0
     nb_split = max(p.chunk // blk, block_count(0, tuple(counts), blk), 1)
-    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"])
+    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"], PROGRAMS["blocks"])
     n_chunks = -(-(n_quant // blk) // chunk)
     n_parts = n_chunks + nb_all - n_quant // blk  # the quantized chunks, then one part per exact block
     gr = triton.next_power_of_2(g)
@@ -629,10 +648,10 @@ def certify(
     fields = torch.empty(bh, g, N_FIELDS, **f64)  # type: ignore[arg-type]
     scratch = torch.empty(bh, 4, gr, max(nb_all, 1), **f64)  # type: ignore[arg-type]
     stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
+    summary = torch.empty(bh, NSUM, gr, **f64)  # type: ignore[arg-type]
     bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
     lp = torch.empty(bh, 3, GRID // LP_INTERVALS, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, precision, deq16, float(scale), d, blk)
-    shape = dict(GR=gr, BINS=BINS, NSTAT=nstat)
     _blocks_kernel[(bh, n_parts)](
         q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
         p.m, p.bmass, p.bframe, consts, scratch, stats,
@@ -640,17 +659,18 @@ def certify(
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], TOK=16, NSTAT=nstat, num_warps=WARPS["blocks"],
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](
-        consts, scratch, stats, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
-        BLK=blk, CB=STEP["bins"], num_warps=WARPS["bins"], **shape,
+        consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
+        GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
     )  # fmt: skip
     _lp_kernel[(bh, 3, GRID // LP_INTERVALS)](
-        consts, stats, bins, lp, nb_all, n_parts, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"], **shape
-    )
+        consts, summary, bins, lp, nb_all, n_parts,
+        GR=gr, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"],
+    )  # fmt: skip
     _final_kernel[(bh,)](
         p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
-        G=g, GP=p.m.shape[-1], D=d, BLK=blk, GRID=GRID, PER=LP_INTERVALS, N_FIELDS=N_FIELDS,
-        num_warps=WARPS["final"], **shape,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, NSTAT=nstat,
+        NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, num_warps=WARPS["final"],
     )  # fmt: skip
     bounds = {name: fields[..., i].reshape(b, h, g) for i, name in enumerate(streaming.BOUND_FIELDS)}
     return out, streaming.stage0_certificate(bounds)

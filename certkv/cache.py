@@ -425,7 +425,7 @@ class TieredKVCache:
                 self.tokens(layer),
                 float(scale),
                 self.config,
-                lambda bi, hi, ti: self._fetch_rows(st, bi, hi, ti),
+                lambda bi, hi, ti, keys: self._fetch_rows(st, bi, hi, ti, keys),
                 lambda bi, hi: self._fetch_dense(st, bi, hi),
             )
         output = outcome.output.reshape(b, hq, 1, d)
@@ -471,19 +471,20 @@ class TieredKVCache:
         return LadderOutcome(out, cert, none, none.clone())
 
     def _fetch_rows(
-        self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, kv head, token) rows from Tier-2, [m, D] each on the cache's device: gathered into a
-        pinned buffer, so the device copy is asynchronous (a pageable gather would make it synchronous)."""
+        self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor, keys: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(batch, kv head, token) rows from Tier-2, [m, D] each on the cache's device (keys None unless
+        ``keys``): gathered into a pinned buffer, so the device copy is asynchronous (a pageable gather
+        would make it synchronous) and the value rows' host gather runs while the key rows copy."""
         assert st.tier2_k is not None and st.tier2_v is not None
         cap = st.tier2_k.shape[2]
         flat = (b.cpu() * self.num_kv_heads + h.cpu()) * cap + t.cpu()
         out = []
-        for buf in (st.tier2_k, st.tier2_v):
+        for buf in (st.tier2_k, st.tier2_v) if keys else (st.tier2_v,):
             rows = torch.empty((len(flat), self.head_dim), dtype=buf.dtype, pin_memory=self._pin)
             torch.index_select(buf.view(-1, self.head_dim), 0, flat, out=rows)
             out.append(rows.to(self.device, non_blocking=self._pin))
-        return out[0], out[1]
+        return (out[0], out[1]) if keys else (None, out[0])
 
     def _fetch_dense(self, st: _Layer, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole (batch row, KV head) pairs from Tier-2, [m, 1, n, D] on the cache's device. Each pair's
@@ -519,6 +520,7 @@ class TieredKVCache:
             slots = free[: len(cand)]
             rows = torch.tensor([b] * len(cand)), torch.tensor([h] * len(cand)), (cand + lo).cpu()
             k, v = self._fetch_rows(st, *rows)
+            assert k is not None
             idx[b, h, slots] = cand
             st.promoted["k"][b, h, slots] = k
             st.promoted["v"][b, h, slots] = v

@@ -19,8 +19,9 @@ from certkv.attention import StepTokens, certified_step
 from certkv.certificate import Certificate
 from certkv.config import CertConfig
 
-# Tier-2 row reader: (batch, kv head, token) index vectors -> (k rows, v rows), each [m, D] 16-bit.
-RowFetch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Tier-2 row reader: (batch, kv head, token) index vectors and whether keys are wanted -> (k rows or
+# None, v rows), each [m, D] 16-bit. Stage 1 replaces values only, so it reads no key rows.
+RowFetch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor | None, torch.Tensor]]
 # Tier-2 reader of whole (batch, kv head) pairs -> (k, v), each [m, 1, n, D] 16-bit.
 DenseFetch = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,8 +95,8 @@ def serve(
             )
         chosen = _select(contrib, target, need, cap)
         b, h, i = chosen.nonzero(as_tuple=True)
-        k_rows, v_rows = fetch_rows(b, h, i)
-        current = current.with_exact((b, h, i), k=k_rows if stage == 2 else None, v=v_rows)
+        k_rows, v_rows = fetch_rows(b, h, i, stage == 2)
+        current = current.with_exact((b, h, i), k=k_rows, v=v_rows)
         rows[stage] = chosen
         out_s, cert_s, detail_s = certified_step(q, current, scale, out_dtype)
         cert_s.stage = torch.full_like(cert.stage, stage)

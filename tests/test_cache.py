@@ -93,6 +93,26 @@ def test_ladder_escalates_only_as_needed_and_stays_sound(max_stage):
     assert {ch.stage for ch in checks} <= set(range(max_stage + 1))
 
 
+def test_stage1_reads_value_rows_only_and_stage2_reads_both():
+    k, v = make_kv(n=160, outlier=8.0, seed=2)
+    q = make_q(seed=3, scale=3.0)
+    cache = certkv.TieredKVCache(1, 2, 32, config=small_config(max_stage=2, out_tol=0.01, out_rtol=0.0, tv_tol=0.02))
+    cache.append(0, k, v)
+    calls, fetch = [], cache._fetch_rows
+
+    def spy(st, b, h, t, keys=True):
+        rows = fetch(st, b, h, t, keys)
+        calls.append((keys, rows[0] is not None, len(rows[1])))
+        return rows
+
+    cache._fetch_rows = spy
+    res = cache.attend(0, q)
+    assert set(res.certificate.stage.flatten().tolist()) >= {2}  # both stages ran
+    assert calls[0][:2] == (False, False) and calls[1][:2] == (True, True) and len(calls) == 2
+    assert calls[0][2] == int(res.rows_stage1.sum()) and calls[1][2] == int(res.rows_stage2.sum())
+    assert_sound(cache, 0, q, res)
+
+
 def test_ladder_stage_bounds_improve_on_stage0():
     k, v = make_kv(n=160, seed=4)
     q = make_q(seed=4, scale=4.0)

@@ -36,14 +36,14 @@ from triton.testing import do_bench
 
 import certkv
 from benchmarks.decode_bench import bandwidths, bench, tier1
-from certkv.streaming import BOUND_FIELDS, certify, kernel_step, serving_precision
+from certkv.streaming import BOUND_FIELDS, certify, kernel_step, serving_launch
 
 D = 128
-# the serving launch (FP16 caches) and the fastest output-only variant of decode_bench v5 (binary32
-# products, which BF16 caches are served with, run 5-7x slower: decode_bench.json)
+# the serving launch of FP16 caches (from launch_sweep.py) and the one it replaced (binary32 products,
+# which BF16 caches are served with, run 5-7x slower: decode_bench.json)
 LAUNCHES = {
+    "serving_fp16": serving_launch(torch.float16),
     "fp16_b64_w4": dict(precision="fp16", block=64, num_warps=4),
-    "fp16_b128_w8_deq16_split": dict(precision="fp16", block=128, num_warps=8, num_stages=2, deq16=True, split_v=True),
 }
 
 
@@ -66,7 +66,7 @@ def check(gen: torch.Generator) -> list[dict]:
             g = hq // hkv
             qg = q.reshape(b, hkv, g, D)
             out, cert = kernel_step(qg, t1, D**-0.5, st.v_min, st.v_max)
-            launch = dict(precision=serving_precision(dtype))
+            launch = serving_launch(dtype)
             args = _epilogue_args(qg, t1, D**-0.5, st.v_min, st.v_max, dtype, launch)
             _, fused_rel, equal = _compare_epilogues(args)
             assert equal and fused_rel < 1e-9, fused_rel
@@ -96,7 +96,7 @@ def check(gen: torch.Generator) -> list[dict]:
                 del torch_cache
             row = {
                 "dtype": str(dtype), "batch": b, "hq": hq, "hkv": hkv, "context": n,
-                "precision": serving_precision(dtype), "heads_checked": len(heads) * g,
+                "launch": str(launch), "heads_checked": len(heads) * g,
                 "violations": violations, "max_err_over_bound": worst_ratio, "rel_err_vs_float64_tier1": worst_ref,
                 "fused_vs_torch_epilogue_max_rel": fused_rel,
                 "bound_median": float(cert.output_bound.median()), "tv_median": float(cert.tv_bound.median()),
@@ -119,7 +119,7 @@ def _epilogue_args(qg, t1, scale, v_min, v_max, out_dtype, launch: dict) -> tupl
 
 def _step(qg, t1, scale, v_min, v_max, launch: dict):
     """One certified stage-0 step: the kernel with its statistics, then the fused epilogue."""
-    return epilogue.certify(*_epilogue_args(qg, t1, scale, v_min, v_max, torch.float16, launch))
+    return epilogue.certify(*_epilogue_args(qg, t1, scale, v_min, v_max, qg.dtype, launch))
 
 
 def _compare_epilogues(args: tuple) -> tuple:

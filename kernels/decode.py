@@ -141,16 +141,17 @@ def _mma(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
-# The exact-token counts and the block count change every step or every block as the context grows:
-# not specialised (Triton compiles a variant per integer value that is 1 or divisible by 16).
-@triton.jit(do_not_specialize=["n_sink", "n_win", "n_prom", "n_blocks"])
+# The exact-token counts, the block count and the split count change with the context and the batch:
+# not specialised (Triton compiles a variant per integer value that is 1 or divisible by 16, and a
+# constexpr split count compiled one per value).
+@triton.jit(do_not_specialize=["n_sink", "n_win", "n_prom", "n_blocks", "n_splits"])
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, wk_ptr, wv_ptr,
     pk_ptr, pv_ptr, pidx_ptr, pmask_ptr,
     m_ptr, l_ptr, acc_ptr,
     bmass_ptr, bframe_ptr, resc_ptr,
-    n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks,
-    SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks, n_splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr, CERT: tl.constexpr,
     PROMOTED: tl.constexpr,
 ):  # fmt: skip
@@ -169,7 +170,7 @@ def _decode_kernel(
     # rescales are counted
     resc = tl.zeros((GP,), tl.int32)
     DT: tl.constexpr = tl.float16 if DEQ16 else tl.float32
-    if split < SPLITS:
+    if split < n_splits:
         kc = kc_ptr + bh * n_quant * D
         ks = ks_ptr + bh * (n_quant // 128) * D
         kz = kz_ptr + bh * (n_quant // 128) * D
@@ -255,11 +256,11 @@ def _decode_kernel(
                 first += (n_sink + BLOCK_N - 1) // BLOCK_N
             elif seg == 1:
                 first += (n_win + BLOCK_N - 1) // BLOCK_N
-    out = bh * (SPLITS + 1) + split
+    out = bh * (n_splits + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
     base = acc_ptr + out * GP * D + gi[:, None] * D
-    if SPLIT_V and split < SPLITS:
+    if SPLIT_V and split < n_splits:
         half = tl.arange(0, D // 2)
         tl.store(base + 2 * half[None, :], acc_lo)
         tl.store(base + 2 * half[None, :] + 1, acc_hi)
@@ -269,12 +270,14 @@ def _decode_kernel(
         tl.store(resc_ptr + out * GP + gi, resc)
 
 
-def splits_for(batch_heads: int, n_quant: int, block: int = 64, target_programs: int = 264) -> int:
-    """Splits of the quantized tokens per (row, KV head): enough programs to fill the GPU (about
-    two per SM of an H100), never a split shorter than one block."""
+def splits_for(batch_heads: int, n_quant: int, block: int = 64, per_head: int = 33, target_programs: int = 264) -> int:
+    """Splits of the quantized tokens per (row, KV head): at least ``per_head`` (shorter loops per
+    program ran faster on the H100 at B = 1 and 8 alike, and 33 beat 16-96:
+    ``benchmarks/results/launch_sweep.json``), and at least ``target_programs`` programs in all (two
+    per SM of an H100); never a split shorter than one block."""
     if n_quant == 0:
         return 0
-    return max(1, min(math.ceil(target_programs / batch_heads), n_quant // block))
+    return max(1, min(max(per_head, math.ceil(target_programs / batch_heads)), n_quant // block))
 
 
 @dataclass
@@ -350,8 +353,8 @@ def decode_partials(
         q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
         *(t1.kc if x is None else x for x in prom),
         m, l_sum, acc, *(m if x is None else x for x in stats),
-        n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb,
-        SPLITS=s, G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
+        n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb, s,
+        G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
         CERT=cert, PROMOTED=n_prom > 0, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -1,0 +1,72 @@
+"""GPU time of each launch of the fused epilogue (``certkv.kernels.epilogue``), from the profiler.
+
+Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.py [--out DIR]``.
+For B in {1, 8}, H_q/H_kv = 32/8, D = 128, FP16, contexts 8K and 128K, after the serving launch
+(``certkv.streaming.serving_launch``): the mean GPU time per launch of the block pass, binning, the
+relaxation and the final pass (torch.profiler, 20 calls), for each relaxation shape in ``LP_SHAPES``
+(warps, grid intervals per program). Writes ``profile_epilogue.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from certkv.kernels import epilogue
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.certified_decode import _epilogue_args
+from benchmarks.decode_bench import HKV, HQ, D, tier1
+from certkv.streaming import serving_launch
+
+LP_SHAPES = ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (4, 2))  # (warps, intervals per program)
+
+
+def launch_times(args: tuple, calls: int = 20) -> dict[str, float]:
+    """Mean GPU microseconds per call of each of the epilogue's kernels."""
+    for _ in range(3):
+        epilogue.certify(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            epilogue.certify(*args)
+        torch.cuda.synchronize()
+    return {
+        e.key.strip("_").removesuffix("_kernel"): e.device_time_total / calls
+        for e in prof.key_averages()
+        if e.key.startswith("_") and e.key.endswith("_kernel")
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    default = (epilogue.WARPS["lp"], epilogue.LP_INTERVALS)
+    for b, n in itertools.product((1, 8), (8192, 131072)):
+        t1, k, v = tier1(b, n, torch.float16, gen)
+        q = torch.randn(b, HQ, 1, D, generator=gen, device="cuda").half()
+        qg = q.reshape(b, HKV, HQ // HKV, D)
+        call = _epilogue_args(qg, t1, D**-0.5, v.amin(2), v.amax(2), torch.float16, serving_launch(torch.float16))
+        for warps, per in LP_SHAPES:
+            epilogue.WARPS["lp"], epilogue.LP_INTERVALS = warps, per
+            times = launch_times(call)
+            row = {"batch": b, "context": n, "lp_warps": warps, "lp_intervals": per, "us": times,
+                   "sum_us": sum(times.values())}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        epilogue.WARPS["lp"], epilogue.LP_INTERVALS = default
+        del t1, k, v
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"device": torch.cuda.get_device_name(), "rows": rows}
+    (args.out / "profile_epilogue.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,11 @@
 Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.py [--out DIR]``.
 For B in {1, 8}, H_q/H_kv = 32/8, D = 128, FP16, contexts 8K and 128K, after the serving launch
 (``certkv.streaming.serving_launch``): the mean GPU time per launch of the block pass, binning, the
-relaxation and the final pass (torch.profiler, 20 calls), for each relaxation shape in ``LP_SHAPES``
-(warps, grid intervals per program). Writes ``profile_epilogue.json``.
+relaxation and the final pass (torch.profiler, 20 calls), for each launch shape in ``SHAPES``
+(warps, blocks or tokens per loop step, programs, grid intervals per program). Writes
+``profile_epilogue.json`` (``--tag`` appends to the name; ``profile_epilogue_lp.json`` is a first
+run over the relaxation's warps x grid intervals per program, ``profile_epilogue_blocks.json`` the
+block pass's shapes).
 """
 
 from __future__ import annotations
@@ -22,7 +25,20 @@ from benchmarks.certified_decode import _epilogue_args
 from benchmarks.decode_bench import HKV, HQ, D, tier1
 from certkv.streaming import serving_launch
 
-LP_SHAPES = ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (4, 2))  # (warps, intervals per program)
+# each shape: settings of epilogue.WARPS / STEP / PROGRAMS / LP_INTERVALS, the defaults elsewhere
+SHAPES = [{"warps.blocks": w, "step.blocks": cb, "step.tokens": tok, "programs.blocks": p}
+          for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]  # fmt: skip
+SHAPES += [{"warps.lp": 16}]
+
+
+def _apply(shape: dict[str, int]) -> dict[str, int]:
+    """Set a shape's values in the epilogue's tables; returns the values they replace."""
+    tables = {"warps": epilogue.WARPS, "step": epilogue.STEP, "programs": epilogue.PROGRAMS}
+    old = {}
+    for key, value in shape.items():
+        table, name = key.split(".")
+        old[key], tables[table][name] = tables[table][name], value
+    return old
 
 
 def launch_times(args: tuple, calls: int = 20) -> dict[str, float]:
@@ -44,28 +60,27 @@ def launch_times(args: tuple, calls: int = 20) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    default = (epilogue.WARPS["lp"], epilogue.LP_INTERVALS)
     for b, n in itertools.product((1, 8), (8192, 131072)):
         t1, k, v = tier1(b, n, torch.float16, gen)
         q = torch.randn(b, HQ, 1, D, generator=gen, device="cuda").half()
         qg = q.reshape(b, HKV, HQ // HKV, D)
         call = _epilogue_args(qg, t1, D**-0.5, v.amin(2), v.amax(2), torch.float16, serving_launch(torch.float16))
-        for warps, per in LP_SHAPES:
-            epilogue.WARPS["lp"], epilogue.LP_INTERVALS = warps, per
+        for shape in SHAPES:
+            old = _apply(shape)
             times = launch_times(call)
-            row = {"batch": b, "context": n, "lp_warps": warps, "lp_intervals": per, "us": times,
-                   "sum_us": sum(times.values())}  # fmt: skip
+            _apply(old)
+            row = {"batch": b, "context": n, **shape, "us": times, "sum_us": sum(times.values())}
             print(json.dumps(row), flush=True)
             rows.append(row)
-        epilogue.WARPS["lp"], epilogue.LP_INTERVALS = default
         del t1, k, v
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "rows": rows}
-    (args.out / "profile_epilogue.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"profile_epilogue{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

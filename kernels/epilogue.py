@@ -55,7 +55,8 @@ N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
 WARPS = {"blocks": 2, "bins": 2, "lp": 8, "final": 4}
-STEP = {"blocks": 8, "bins": 16}  # blocks per loop iteration (a chunk is a whole number of block steps)
+# blocks per loop iteration (a chunk is a whole number of block steps), exact tokens per iteration
+STEP = {"blocks": 8, "bins": 16, "tokens": 16}
 PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
 LP_INTERVALS = 8
 
@@ -656,7 +657,8 @@ def certify(
         q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
         p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, *counts, p.splits, nb_all, chunk, n_chunks, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], TOK=16, NSTAT=nstat, num_warps=WARPS["blocks"],
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], TOK=STEP["tokens"], NSTAT=nstat,
+        num_warps=WARPS["blocks"],
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,

@@ -4,10 +4,11 @@ Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.
 For B in {1, 8}, H_q/H_kv = 32/8, D = 128, FP16, contexts 8K and 128K, after the serving launch
 (``certkv.streaming.serving_launch``): the mean GPU time per launch of the block pass, binning, the
 relaxation and the final pass (torch.profiler, 20 calls), for each launch shape in ``SHAPES``
-(warps, blocks or tokens per loop step, programs, grid intervals per program). Writes
+(warps, blocks or tokens per loop step, programs). Writes
 ``profile_epilogue.json`` (``--tag`` appends to the name; ``profile_epilogue_lp.json`` is a first
 run over the relaxation's warps x grid intervals per program, ``profile_epilogue_blocks.json`` the
-block pass's shapes).
+block pass's shapes (the ``SHAPES`` below), ``profile_epilogue_regs.json`` a run with register limits
+per kernel, passed as Triton's ``maxnreg``, since removed).
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """GPU time of each launch of the fused epilogue (``certkv.kernels.epilogue``), from the profiler.
 
-Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.py [--out DIR]``.
+Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.py --sweep NAME``.
 For B in {1, 8}, H_q/H_kv = 32/8, D = 128, FP16, contexts 8K and 128K, after the serving launch
 (``certkv.streaming.serving_launch``): the mean GPU time per launch of the block pass, binning, the
-relaxation and the final pass (torch.profiler, 20 calls), for each launch shape in ``SHAPES``
-(warps, blocks or tokens per loop step, programs). Writes
-``profile_epilogue.json`` (``--tag`` appends to the name; ``profile_epilogue_lp.json`` is a first
-run over the relaxation's warps x grid intervals per program, ``profile_epilogue_blocks.json`` the
-block pass's shapes (the ``SHAPES`` below), ``profile_epilogue_regs.json`` a run with register limits
-per kernel, passed as Triton's ``maxnreg``, since removed).
+relaxation and the final pass (torch.profiler, 20 calls), for each launch shape of the sweep
+(``SWEEPS``: warps, blocks or tokens per loop step, programs, query rows and grid intervals per
+relaxation program). Writes ``profile_epilogue_NAME.json``. Earlier runs kept beside them:
+``profile_epilogue_lp_v1.json`` (relaxation warps x intervals with all four query rows per program),
+``profile_epilogue_regs.json`` (register limits per kernel through Triton's ``maxnreg``, since removed).
 """
 
 from __future__ import annotations
@@ -26,10 +25,15 @@ from benchmarks.certified_decode import _epilogue_args
 from benchmarks.decode_bench import HKV, HQ, D, tier1
 from certkv.streaming import serving_launch
 
-# each shape: settings of epilogue.WARPS / STEP / PROGRAMS / LP_INTERVALS, the defaults elsewhere
-SHAPES = [{"warps.blocks": w, "step.blocks": cb, "step.tokens": tok, "programs.blocks": p}
-          for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]  # fmt: skip
-SHAPES += [{"warps.lp": 16}]
+# each shape: settings of epilogue.WARPS / STEP / PROGRAMS and of its LP_ROWS / LP_INTERVALS ("lp.*");
+# the defaults elsewhere. ``--sweep NAME`` runs one list and writes profile_epilogue_NAME.json.
+SWEEPS = {
+    "blocks": [{"warps.blocks": w, "step.blocks": cb, "step.tokens": tok, "programs.blocks": p}
+               for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]
+              + [{"warps.lp": 16}],
+    "lprows": [{}] + [{"lp.rows": r, "warps.lp": w} for r, w in itertools.product((1, 2), (2, 4, 8))],
+    "lp": [{}, {"warps.lp": 1}, {"lp.intervals": 4}, {"lp.intervals": 16}, {"warps.lp": 4, "lp.intervals": 16}],
+}  # fmt: skip
 
 
 def _apply(shape: dict[str, int]) -> dict[str, int]:
@@ -38,7 +42,12 @@ def _apply(shape: dict[str, int]) -> dict[str, int]:
     old = {}
     for key, value in shape.items():
         table, name = key.split(".")
-        old[key], tables[table][name] = tables[table][name], value
+        if table == "lp":  # the module's LP_ROWS, LP_INTERVALS
+            attr = f"LP_{name.upper()}"
+            old[key] = getattr(epilogue, attr)
+            setattr(epilogue, attr, value)
+        else:
+            old[key], tables[table][name] = tables[table][name], value
     return old
 
 
@@ -61,7 +70,7 @@ def launch_times(args: tuple, calls: int = 20) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="lp")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -70,7 +79,7 @@ def main() -> None:
         q = torch.randn(b, HQ, 1, D, generator=gen, device="cuda").half()
         qg = q.reshape(b, HKV, HQ // HKV, D)
         call = _epilogue_args(qg, t1, D**-0.5, v.amin(2), v.amax(2), torch.float16, serving_launch(torch.float16))
-        for shape in SHAPES:
+        for shape in SWEEPS[args.sweep]:
             old = _apply(shape)
             times = launch_times(call)
             _apply(old)
@@ -81,7 +90,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "rows": rows}
-    (args.out / f"profile_epilogue{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"profile_epilogue_{args.sweep}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ whatever the context): more than the decode kernel itself. Here the same float64
    relaxation of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
    the maxima over all parts (each program reduces the parts' radius-set slots in one pass; the
    first stores them for the next launch);
-3. ``_lp_kernel`` (row x head, radius set, group of grid intervals): the relaxation bounded on each
-   interval of its grid;
+3. ``_lp_kernel`` (batch row x head x query row, radius set, group of grid intervals): the
+   relaxation bounded on each interval of its grid (one query row per program: fewer live registers,
+   more programs per SM);
 4. ``_final_kernel`` (row x head): the splits merged into the output, all the parts' statistics
    reduced in one pass, the TV bounds, the terms per channel and the certificate's fields.
 
@@ -54,11 +55,12 @@ NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning p
 N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
-WARPS = {"blocks": 2, "bins": 2, "lp": 8, "final": 4}
+WARPS = {"blocks": 2, "bins": 2, "lp": 2, "final": 4}
 # blocks per loop iteration (a chunk is a whole number of block steps), exact tokens per iteration
 STEP = {"blocks": 8, "bins": 16, "tokens": 16}
 PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
 LP_INTERVALS = 8
+LP_ROWS = 1  # query rows per relaxation program (at most the padded GQA group)
 
 
 @functools.lru_cache(maxsize=64)
@@ -432,20 +434,21 @@ def _bins_kernel(
 @triton.jit(do_not_specialize=["nb_all", "n_parts"])
 def _lp_kernel(
     c_ptr, s_ptr, bins_ptr, lp_ptr, nb_all, n_parts,
-    GR: tl.constexpr, BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr,
+    GR: tl.constexpr, R: tl.constexpr, BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr,
 ):  # fmt: skip
-    """max over grid intervals (PER per program) of the relaxation's bound t - c(t) for one radius set:
-    on each interval the better of three dual multipliers (either endpoint's, and the one balancing
-    the endpoints), each evaluated at both endpoints (``certkv.tv._relaxed``)."""
-    bh = tl.program_id(0)
+    """max over grid intervals (PER per program) of the relaxation's bound t - c(t) for one radius set
+    and R of the GR query rows: on each interval the better of three dual multipliers (either
+    endpoint's, and the one balancing the endpoints), each evaluated at both endpoints
+    (``certkv.tv._relaxed``)."""
+    bh = tl.program_id(0) // (GR // R)
     which = tl.program_id(1)
     group = tl.program_id(2)
-    gi = tl.arange(0, GR)
+    gi = tl.program_id(0) % (GR // R) * R + tl.arange(0, R)
     k = tl.arange(0, BINS)
     red = tl.load(s_ptr + _summary_at(bh, gi, GR))
     _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
     rm = tl.where(which == 0, rm_p, tl.where(which == 1, rm_h, rm_0))
-    binned = tl.zeros((GR, BINS), tl.float64)
+    binned = tl.zeros((R, BINS), tl.float64)
     PC: tl.constexpr = 8
     for c0 in range(0, n_parts, PC):
         c = (c0 + tl.arange(0, PC))[:, None, None]
@@ -458,7 +461,7 @@ def _lp_kernel(
     dem_p = tp * total_b
     w_p = (1.0 - tp)[:, None] * e_up + tp[:, None] * e_down
     lam_p = _dual(dem_p, w_p, binned)
-    relaxed = tl.full((GR,), -float("inf"), tl.float64)
+    relaxed = tl.full((R,), -float("inf"), tl.float64)
     for i in range(group * PER + 1, group * PER + PER + 1):
         t = (tl.zeros_like(rm) + i) / GRID
         dem = t * total_b
@@ -664,9 +667,10 @@ def certify(
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
     )  # fmt: skip
-    _lp_kernel[(bh, 3, GRID // LP_INTERVALS)](
+    rows = min(LP_ROWS, gr)
+    _lp_kernel[(bh * (gr // rows), 3, GRID // LP_INTERVALS)](
         consts, summary, bins, lp, nb_all, n_parts,
-        GR=gr, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"],
+        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"],
     )  # fmt: skip
     _final_kernel[(bh,)](
         p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,

@@ -47,6 +47,15 @@ def test_fused_epilogue_is_its_reference(dtype, precision, launch, shape, splits
     assert all(math.isfinite(x) for x in fused[1].output_bound.flatten().tolist())
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_relaxation_programs_of_fewer_rows_give_the_same_certificate(monkeypatch, rows):
+    monkeypatch.setattr(epilogue, "LP_ROWS", rows)
+    dtype, precision, launch, (b, hkv, g, n), splits, q_scale = CASES[5]  # 4 query rows per KV head
+    cache = cache_of(b, hkv, n, dtype, seed=n)
+    q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE).reshape(b, hkv, g, 128)
+    assert_same(*both(cache, q, precision, splits, **launch))
+
+
 def test_no_exact_tokens():
     cache = cache_of(1, 2, 512, torch.float16, seed=5, window=0, sinks=0)
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2).to(DEVICE)

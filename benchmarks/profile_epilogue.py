@@ -33,6 +33,7 @@ SWEEPS = {
               + [{"warps.lp": 16}],
     "lprows": [{}] + [{"lp.rows": r, "warps.lp": w} for r, w in itertools.product((1, 2), (2, 4, 8))],
     "lp": [{}, {"warps.lp": 1}, {"lp.intervals": 4}, {"lp.intervals": 16}, {"warps.lp": 4, "lp.intervals": 16}],
+    "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
 }  # fmt: skip
 
 
@@ -42,8 +43,8 @@ def _apply(shape: dict[str, int]) -> dict[str, int]:
     old = {}
     for key, value in shape.items():
         table, name = key.split(".")
-        if table == "lp":  # the module's LP_ROWS, LP_INTERVALS
-            attr = f"LP_{name.upper()}"
+        if table in ("lp", "final"):  # the module's LP_ROWS, LP_INTERVALS, FINAL_ROWS
+            attr = f"{table.upper()}_{name.upper()}"
             old[key] = getattr(epilogue, attr)
             setattr(epilogue, attr, value)
         else:

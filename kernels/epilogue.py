@@ -16,8 +16,9 @@ whatever the context): more than the decode kernel itself. Here the same float64
 3. ``_lp_kernel`` (batch row x head x query row, radius set, group of grid intervals): the
    relaxation bounded on each interval of its grid (one query row per program: fewer live registers,
    more programs per SM);
-4. ``_final_kernel`` (row x head): the splits merged into the output, all the parts' statistics
-   reduced in one pass, the TV bounds, the terms per channel and the certificate's fields.
+4. ``_final_kernel`` (batch row x head x query row): the splits merged into the output, all the
+   parts' statistics reduced in one pass, the TV bounds, the terms per channel and the certificate's
+   fields.
 
 Partial results are reduced in a fixed order, so the result does not depend on scheduling.
 Differences from the torch reference, each a few units of float64 rounding: sums run in another
@@ -56,11 +57,15 @@ N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
 WARPS = {"blocks": 2, "bins": 2, "lp": 2, "final": 4}
+# the relaxation's warps once its grid has more than LP_MANY programs (B = 8 on the H100: one warp
+# 118 us against 161 with two; B = 1: 35 against 23)
+WARPS_LP_MANY, LP_MANY = 1, 2048
 # blocks per loop iteration (a chunk is a whole number of block steps), exact tokens per iteration
 STEP = {"blocks": 8, "bins": 16, "tokens": 16}
 PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
 LP_INTERVALS = 8
 LP_ROWS = 1  # query rows per relaxation program (at most the padded GQA group)
+FINAL_ROWS = 1  # query rows per program of the final pass
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,17 +188,20 @@ def _top(m_ptr, bh, n_splits, gi, row, GP: tl.constexpr):
 
 
 @triton.jit
-def _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT: tl.constexpr, NS: tl.constexpr, NVG: tl.constexpr, GR: tl.constexpr):
-    """The first NS slots of the parts' partial statistics reduced over the parts in one pass, [NS, GR]:
+def _reduce_parts(
+    p_ptr, bh, n_parts, gi, NSTAT: tl.constexpr, NS: tl.constexpr, NVG: tl.constexpr, GR: tl.constexpr, R: tl.constexpr
+):
+    """The first NS slots of the parts' partial statistics reduced over the parts in one pass, [NS, R]
+    for the R query rows ``gi`` (of GR):
     sums for the dust, live mass, weighted magnitudes and w_eta; minima for eta_lo; maxima for the rest
     (all >= 0). The parts are visited in a fixed order, so the sums do not depend on scheduling."""
-    PC: tl.constexpr = 256 // NS
+    PC: tl.constexpr = 1024 // (NS * R)  # parts per step: tiles of 1024 values
     sl = tl.arange(0, NS)
     is_sum = (sl == S_DUST) | (sl == S_TOTAL) | (sl == S_SW) | ((sl >= S_VEC) & (sl < S_VEC + NVG))
     is_min = sl >= S_VEC + 2 * NVG
-    total = tl.zeros((NS, GR), tl.float64)
-    high = tl.zeros((NS, GR), tl.float64)
-    low = tl.full((NS, GR), float("inf"), tl.float64)
+    total = tl.zeros((NS, R), tl.float64)
+    high = tl.zeros((NS, R), tl.float64)
+    low = tl.full((NS, R), float("inf"), tl.float64)
     for c0 in range(0, n_parts, PC):
         c = (c0 + tl.arange(0, PC))[:, None, None]
         ok = (c < n_parts) & (sl < NSTAT)[None, :, None]
@@ -399,7 +407,7 @@ def _bins_kernel(
     bh = tl.program_id(0)
     part = tl.program_id(1)
     gi = tl.arange(0, GR)
-    red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NSUM, NVG, GR)
+    red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NSUM, NVG, GR, GR)
     at_s = _summary_at(bh, gi, GR)
     tl.store(s_ptr + at_s, red, mask=at_s * 0 + part == 0)  # a tensor mask: the interpreter takes no scalar
     _, _, _, rm_p, rm_h, rm_0, extra, total = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
@@ -493,25 +501,25 @@ def _final_kernel(
     n_quant, n_exact, n_splits, nb_split, nb_all, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
     BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
-    N_FIELDS: tl.constexpr,
+    N_FIELDS: tl.constexpr, R: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh = tl.program_id(0) // (GR // R)  # R of the GR query rows per program
     NVG: tl.constexpr = D // 64
-    gi = tl.arange(0, GR)
+    gi = tl.program_id(0) % (GR // R) * R + tl.arange(0, R)
     row = gi < G
     d = tl.arange(0, D)
     u64 = tl.load(c_ptr + C_U64)
 
     # ---- the splits merged in float64: y = acc / l over exact weights 2^(m_s - top) ----
     top = _top(m_ptr, bh, n_splits, gi, row, GP)
-    n_resc = tl.zeros((GR,), tl.int32)
-    acc = tl.zeros((GR, D), tl.float64)
-    l_sum = tl.zeros((GR,), tl.float64)
-    SC: tl.constexpr = 8
+    n_resc = tl.zeros((R,), tl.int32)
+    acc = tl.zeros((R, D), tl.float64)
+    l_sum = tl.zeros((R,), tl.float64)
+    SC: tl.constexpr = 32 // R
     for s0 in range(0, n_splits + 1, SC):
         s = s0 + tl.arange(0, SC)
         ok = (s <= n_splits)[:, None] & row[None, :]
-        at = (bh * (n_splits + 1) + s[:, None]) * GP + gi[None, :]  # [SC, GR]
+        at = (bh * (n_splits + 1) + s[:, None]) * GP + gi[None, :]  # [SC, R]
         n_resc = tl.maximum(n_resc, tl.max(tl.load(resc_ptr + at, mask=ok, other=0), 0))
         m_s = tl.load(m_ptr + at, mask=ok, other=-float("inf")).to(tl.float64)
         w = tl.where(m_s == -float("inf"), 0.0, tl.exp2(m_s - top[None, :]))
@@ -524,7 +532,7 @@ def _final_kernel(
     cast = tl.abs(out.to(tl.float64) - y)
 
     # ---- the parts' statistics, the three TV bounds ----
-    red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NS2, NVG, GR)
+    red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NS2, NVG, GR, R)
     rp_max, rh_max, eps_max = _slot(red, S_RP, NS2), _slot(red, S_RH, NS2), _slot(red, S_EPS, NS2)
     lam_max, vmag_max, big = _slot(red, S_LAM, NS2), _slot(red, S_VMAG, NS2), _slot(red, S_BIG, NS2)
     infl_nb = _inflate(nb_all, u64)
@@ -559,7 +567,7 @@ def _final_kernel(
     comb = _gamma(2 * n_splits + 8, u64)
     g_sum = _gamma(BLK + 2 * nb_split + 8, u32)
     g_acc = _gamma(BLK + 2 * nb_split + 8, dot_u)
-    n_f = (n_quant + n_exact) * tl.full((GR,), 1.0, tl.float64)
+    n_f = (n_quant + n_exact) * tl.full((R,), 1.0, tl.float64)
     c_l = (1.0 + alpha_k) * (1.0 + g_sum) * (1.0 + comb) - 1.0
     l_w = (l_sum + n_f * beta_k) * tl.load(c_ptr + C_INF4) / (1.0 - c_l)
     err_l = c_l * l_w + n_f * beta_k * (1.0 + comb)
@@ -577,9 +585,9 @@ def _final_kernel(
     pi_eta = w_eta * tl.exp(lam_max)[:, None] * (1.0 + 4.0 * u64) / live_sum[:, None]
     pi_eta = tl.where(live_sum[:, None] > 0, pi_eta, eta_hi)
     # per channel j: its value group j // 64
-    pi_eta_j = tl.reshape(tl.broadcast_to(pi_eta[:, :, None], (GR, NVG, 64)), (GR, D))
-    eta_max = tl.reshape(tl.broadcast_to(eta_hi[:, :, None], (GR, NVG, 64)), (GR, D))
-    eta_min = tl.reshape(tl.broadcast_to(eta_lo[:, :, None], (GR, NVG, 64)), (GR, D))
+    pi_eta_j = tl.reshape(tl.broadcast_to(pi_eta[:, :, None], (R, NVG, 64)), (R, D))
+    eta_max = tl.reshape(tl.broadcast_to(eta_hi[:, :, None], (R, NVG, 64)), (R, D))
+    eta_min = tl.reshape(tl.broadcast_to(eta_lo[:, :, None], (R, NVG, 64)), (R, D))
     v_range = (tl.load(vmax_ptr + bh * D + d).to(tl.float64) - tl.load(vmin_ptr + bh * D + d).to(tl.float64))[None, :]
     key_j = tv_key[:, None] * v_range
     value_j = pi_eta_j + tv_pi[:, None] * (eta_max - eta_min)
@@ -668,15 +676,18 @@ def certify(
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
     )  # fmt: skip
     rows = min(LP_ROWS, gr)
-    _lp_kernel[(bh * (gr // rows), 3, GRID // LP_INTERVALS)](
+    lp_grid = (bh * (gr // rows), 3, GRID // LP_INTERVALS)
+    _lp_kernel[lp_grid](
         consts, summary, bins, lp, nb_all, n_parts,
-        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, num_warps=WARPS["lp"],
+        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=LP_INTERVALS,
+        num_warps=WARPS_LP_MANY if math.prod(lp_grid) > LP_MANY else WARPS["lp"],
     )  # fmt: skip
-    _final_kernel[(bh,)](
+    final_rows = min(FINAL_ROWS, gr)
+    _final_kernel[(bh * (gr // final_rows),)](
         p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, NSTAT=nstat,
-        NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, num_warps=WARPS["final"],
+        NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, R=final_rows, num_warps=WARPS["final"],
     )  # fmt: skip
     bounds = {name: fields[..., i].reshape(b, h, g) for i, name in enumerate(streaming.BOUND_FIELDS)}
     return out, streaming.stage0_certificate(bounds)

@@ -58,6 +58,15 @@ def test_programs_of_more_query_rows_give_the_same_certificate(monkeypatch, rows
     assert_same(*both(cache, q, precision, splits, **launch))
 
 
+def test_gqa_group_of_three_pads_rows_without_changing_the_certificate():
+    # 3 query rows per KV head: every pass runs on 4 (padded) rows, one program per row where it splits
+    cache = cache_of(1, 2, 330, torch.bfloat16, seed=7)
+    q = make_q(b=1, hq=6, d=128, dtype=torch.bfloat16, seed=8, scale=2.0).to(DEVICE)
+    ref, fused = both(cache, q.reshape(1, 2, 3, 128), "fma", block=16)
+    assert_same(ref, fused)
+    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "fma", epilogue="fused", block=16))
+
+
 def test_no_exact_tokens():
     cache = cache_of(1, 2, 512, torch.float16, seed=5, window=0, sinks=0)
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2).to(DEVICE)

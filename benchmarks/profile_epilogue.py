@@ -34,6 +34,7 @@ SWEEPS = {
     "lprows": [{}] + [{"lp.rows": r, "warps.lp": w} for r, w in itertools.product((1, 2), (2, 4, 8))],
     "lp": [{}, {"warps.lp": 1}, {"lp.intervals": 4}, {"lp.intervals": 16}, {"warps.lp": 4, "lp.intervals": 16}],
     "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
+    "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
 }  # fmt: skip
 
 

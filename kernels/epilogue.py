@@ -363,7 +363,7 @@ def _blocks_kernel(
         vrow = tl.arange(0, TOK)
         dots = tl.zeros((GR,), tl.float64)  # the block's largest s_up |q|.|k|
         vmag = tl.zeros((), tl.float64)
-        for t0 in range((eb - first) * BLK, (eb - first) * BLK + BLK, TOK):
+        for t0 in range((eb - first) * BLK, tl.minimum((eb - first) * BLK + BLK, count), TOK):
             tk = t0 + vrow
             okt = tk < count
             at = (bh * count + tk[:, None]) * D + d[None, :]

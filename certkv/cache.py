@@ -449,7 +449,7 @@ class TieredKVCache:
         if cfg.decode_kernel == "never":
             return None
         # "auto": on CUDA at any length. Per layer-step on the H100 the kernel with its fused epilogue
-        # costs 0.5-0.7 ms eager against 11 ms (2K) to 48 ms (128K) on the torch path; a step it
+        # costs 0.3-0.5 ms eager against 8 ms (2K) to 60 ms (128K) on the torch path; a step it
         # leaves uncertified pays both, and on the tiny model at 2K the kernel first still served more
         # tokens/s once compiled (docs/benchmarks.md)
         if cfg.decode_kernel == "auto" and self.device.type != "cuda":

@@ -214,14 +214,21 @@ def _reduce_parts(
 
 
 @triton.jit
+def _row_program(GR: tl.constexpr, R: tl.constexpr):
+    """(row x KV head ``bh``, query rows ``gi`` [R]) of a program along axis 0 of a grid that gives
+    each (row, head) GR // R programs of R of its GR query rows."""
+    return tl.program_id(0) // (GR // R), tl.program_id(0) % (GR // R) * R + tl.arange(0, R)
+
+
+@triton.jit
 def _slot(red, j, NS: tl.constexpr):
-    """Slot j [GR] of a reduced statistics tile [NS, GR]."""
+    """Slot j [R] of a reduced statistics tile [NS, R]."""
     return tl.sum(tl.where((tl.arange(0, NS) == j)[:, None], red, 0.0), 0)
 
 
 @triton.jit
 def _slots(red, j, NS: tl.constexpr, NVG: tl.constexpr):
-    """Slots j .. j + NVG - 1 [GR, NVG] of a reduced statistics tile [NS, GR]."""
+    """Slots j .. j + NVG - 1 [R, NVG] of a reduced statistics tile [NS, R]."""
     pick = tl.arange(0, NS)[:, None, None] == j + tl.arange(0, NVG)[None, None, :]
     return tl.sum(tl.where(pick, red[:, :, None], 0.0), 0)
 
@@ -448,10 +455,9 @@ def _lp_kernel(
     and R of the GR query rows: on each interval the better of three dual multipliers (either
     endpoint's, and the one balancing the endpoints), each evaluated at both endpoints
     (``certkv.tv._relaxed``)."""
-    bh = tl.program_id(0) // (GR // R)
+    bh, gi = _row_program(GR, R)
     which = tl.program_id(1)
     group = tl.program_id(2)
-    gi = tl.program_id(0) % (GR // R) * R + tl.arange(0, R)
     k = tl.arange(0, BINS)
     red = tl.load(s_ptr + _summary_at(bh, gi, GR))
     _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
@@ -503,9 +509,8 @@ def _final_kernel(
     BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
     N_FIELDS: tl.constexpr, R: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0) // (GR // R)  # R of the GR query rows per program
+    bh, gi = _row_program(GR, R)
     NVG: tl.constexpr = D // 64
-    gi = tl.program_id(0) % (GR // R) * R + tl.arange(0, R)
     row = gi < G
     d = tl.arange(0, D)
     u64 = tl.load(c_ptr + C_U64)

@@ -2,10 +2,11 @@
 
 Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.py --sweep NAME``.
 For B in {1, 8}, H_q/H_kv = 32/8, D = 128, FP16, contexts 8K and 128K, after the serving launch
-(``certkv.streaming.serving_launch``): the mean GPU time per launch of the block pass, binning, the
-relaxation and the final pass (torch.profiler, 20 calls), for each launch shape of the sweep
-(``SWEEPS``: warps, blocks or tokens per loop step, programs, query rows and grid intervals per
-relaxation program). Writes ``profile_epilogue_NAME.json``. Earlier runs kept beside them:
+(``certkv.streaming.serving_launch``): the mean GPU time per launch of the scales pass, the block
+pass, binning, the relaxation and the final pass (torch.profiler, 20 calls), for each launch shape of
+the sweep (``SWEEPS``: warps, blocks per loop step or exact tokens per scales-pass program, programs,
+query rows and grid intervals per relaxation program). Writes ``profile_epilogue_NAME.json``.
+Earlier runs kept beside them:
 ``profile_epilogue_lp_v1.json`` (relaxation warps x intervals with all four query rows per program),
 ``profile_epilogue_regs.json`` (register limits per kernel through Triton's ``maxnreg``, since removed).
 """
@@ -35,6 +36,8 @@ SWEEPS = {
     "lp": [{}, {"warps.lp": 1}, {"lp.intervals": 4}, {"lp.intervals": 16}, {"warps.lp": 4, "lp.intervals": 16}],
     "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
     "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
+    "parts": [{"programs.blocks": p, "step.blocks": cb} for p, cb in itertools.product((132, 264, 528), (8, 16, 32))],
+    "scales": [{"warps.scales": w, "step.tokens": t} for w, t in itertools.product((1, 2, 4), (8, 16, 32))],
 }  # fmt: skip
 
 

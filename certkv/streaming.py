@@ -12,7 +12,7 @@ the precision rounds to them) in the rounding term. The terms take their total-v
 (the per-token forms of the torch path need the output before the pass), the TV bounds come from
 ``certkv.tv.tv_bound`` over block masses (divisible: a block may be split), and everything below is
 float64 on [B*H, G] rows. ``certify`` is the reference of the fused epilogue
-(``certkv.kernels.epilogue``, four Triton launches) that ``kernel_step`` serves with.
+(``certkv.kernels.epilogue``, five Triton launches) that ``kernel_step`` serves with.
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ def kernel_step(
     q: torch.Tensor, t1: object, scale: float, v_min: torch.Tensor, v_max: torch.Tensor
 ) -> tuple[torch.Tensor, Certificate]:
     """Stage 0 through the decode kernel: one launch with ``cert=True`` (``serving_launch``), then
-    this module's epilogue fused into four more (``certkv.kernels.epilogue``, which ``certify`` above
+    this module's epilogue fused into five more (``certkv.kernels.epilogue``, which ``certify`` above
     is the reference of). q [B, H_kv, G, D] (16-bit); returns the output in q's dtype and the
     certificate (fields [B, H_kv, G])."""
     from certkv.kernels import epilogue

@@ -4,7 +4,7 @@
 references; with ``cert=True`` it streams the statistics the step's certificate is built from, and the
 cache serves stage 0 through it on CUDA (docs/benchmarks.md has its measurements).
 
-``epilogue``: that certificate in four launches; ``certkv.streaming.certify`` is its torch reference.
+``epilogue``: that certificate in five launches; ``certkv.streaming.certify`` is its torch reference.
 
 ``append``: quantizes and packs whole blocks into the paper layout in one launch, bit for bit the
 torch quantizer's output; ``TieredKVCache`` appends through it on CUDA.

@@ -1,22 +1,25 @@
-"""The decode kernel's step certificate in four Triton launches; its torch reference is
+"""The decode kernel's step certificate in five Triton launches; its torch reference is
 ``certkv.streaming.certify``.
 
 ``certify`` there spends ~500 small float64 torch launches per step (7-13 ms eager on the H100,
 whatever the context): more than the decode kernel itself. Here the same float64 arithmetic
-(docs/theory.md section 8) runs in four launches, each spread over the GPU:
+(docs/theory.md section 8) runs in five launches, each spread over the GPU:
 
-1. ``_blocks_kernel`` (batch row x KV head, part: a chunk of quantized blocks or one block of sink,
-   window or promoted tokens): logit radii from |q| and the key scales, block masses and their accuracy,
-   the dust, value magnitudes and radii weighted by the masses. Per block the radii, accuracy and
-   live mass go to a scratch buffer; per part the partial maxima and sums to another;
-2. ``_bins_kernel`` (same grid): each part's blocks binned into the divisible total-variation
+1. ``_scales_kernel`` (batch row x KV head, key group): what the certificate takes from the scales,
+   one record per quantized block: logit radii from |q| and the key scales, the largest key operand,
+   value magnitudes and radii (no block masses: small programs, few registers);
+2. ``_blocks_kernel`` (batch row x KV head, part: a chunk of quantized blocks or one block of sink,
+   window or promoted tokens): the records (or, for exact tokens, |q|.|k| and |v|), block masses and
+   their accuracy, the dust, value magnitudes and radii weighted by the masses. Per block the radii,
+   accuracy and live mass go to a scratch buffer; per part the partial maxima and sums to another;
+3. ``_bins_kernel`` (same grid): each part's blocks binned into the divisible total-variation
    relaxation of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
    the maxima over all parts (each program reduces the parts' radius-set slots in one pass; the
    first stores them for the next launch);
-3. ``_lp_kernel`` (batch row x head x query row, radius set, group of grid intervals): the
+4. ``_lp_kernel`` (batch row x head x query row, radius set, group of grid intervals): the
    relaxation bounded on each interval of its grid (one query row per program: fewer live registers,
    more programs per SM);
-4. ``_final_kernel`` (batch row x head x query row): the splits merged into the output, all the
+5. ``_final_kernel`` (batch row x head x query row): the splits merged into the output, all the
    parts' statistics reduced in one pass, the TV bounds, the terms per channel and the certificate's
    fields.
 
@@ -56,13 +59,17 @@ NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning p
 N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
-WARPS = {"blocks": 2, "bins": 2, "lp": 2, "final": 4}
+WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 2, "final": 4}
 # the relaxation's warps once its grid has more than LP_MANY programs (B = 8 on the H100: one warp
 # 118 us against 161 with two; B = 1: 35 against 23)
 WARPS_LP_MANY, LP_MANY = 1, 2048
-# blocks per loop iteration (a chunk is a whole number of block steps), exact tokens per iteration
-STEP = {"blocks": 8, "bins": 16, "tokens": 16}
+# blocks per loop iteration of the block pass (a chunk is a whole number of block steps), exact tokens
+# per program of the scales pass
+STEP = {"blocks": 16, "bins": 16, "tokens": 8}
 PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
+# quantized blocks per part at the least: every binning program, the relaxation and the final pass
+# reduce over the parts (H100, 128K: 528 parts of 16 blocks at B = 1 binned in 27 us, 256 of 32 in 14)
+CHUNK_LEAST = 32
 LP_INTERVALS = 8
 LP_ROWS = 1  # query rows per relaxation program (at most the padded GQA group)
 FINAL_ROWS = 1  # query rows per program of the final pass
@@ -252,27 +259,135 @@ def _radius_sets(red, c_ptr, nb_all, NS: tl.constexpr, BINS: tl.constexpr):
     return r_p, r_h, r_0, tl.minimum(r_p, relax), tl.minimum(r_h, relax), tl.minimum(r_0, relax), extra, total
 
 
+@triton.jit
+def _key_group_stats(ks_ptr, kz_ptr, grp, d, absq, c_ptr):
+    """Logit radii of key group ``grp`` (docs/theory.md section 8, as ``certkv.streaming.certify``),
+    float64 per query row of ``absq`` [GR, D] (|q|, padding rows 0): the quantization radius eps =
+    s |q|.k_rad, the rounding radius rho = s |q|.(|k used| dot_u-factor + |k error|), each rounded up,
+    and the largest key operand magnitude (the overflow check)."""
+    D: tl.constexpr = d.shape[0]
+    u64 = tl.load(c_ptr + C_U64)
+    ks16 = tl.load(ks_ptr + grp * D + d)
+    ks = ks16.to(tl.float64)
+    kz = tl.load(kz_ptr + grp * D + d).to(tl.float64)
+    k_rad = (ks16.to(tl.float32) * tl.load(c_ptr + C_RF).to(tl.float32)).to(tl.float64)
+    k_max = tl.maximum(tl.abs(kz), tl.abs(kz + 255.0 * ks)) * (1.0 + 2.0 * u64)
+    k_err = tl.load(c_ptr + C_STEP255) * tl.abs(ks) + tl.load(c_ptr + C_MAG) * k_max + tl.load(c_ptr + C_ABS)
+    k_err = k_err * (1.0 + 2.0 * u64)
+    k_used = k_max + k_err
+    s_up, infl_d = tl.load(c_ptr + C_SUP), tl.load(c_ptr + C_INFD)
+    eps = s_up * tl.sum(absq * k_rad[None, :], 1) * infl_d
+    rho = s_up * tl.sum(absq * (k_used * tl.load(c_ptr + C_QDOT) + k_err)[None, :], 1) * infl_d
+    return eps, rho, tl.max(k_used, 0)
+
+
+@triton.jit
+def _value_block_stats(vs16, vz16, c_ptr):
+    """Blocks' value statistics from their 16-bit scales and zero points [blocks, BLK, D/64], float64:
+    per block the largest |v_hat| (max(|z|, |z + 15 s|), exact) [blocks], and the largest and smallest
+    value radius per channel group [blocks, D/64]."""
+    vs, vz = vs16.to(tl.float64), vz16.to(tl.float64)
+    vmag = tl.max(tl.max(tl.maximum(tl.abs(vz), tl.abs(vz + 15.0 * vs)), 2), 1)
+    radius = vs16.to(tl.float32) * tl.load(c_ptr + C_RF).to(tl.float32)  # binary32, as the reference
+    return vmag, tl.max(radius, 1).to(tl.float64), tl.min(radius, 1).to(tl.float64)
+
+
+def stat_slots(gr: int, d: int) -> int:
+    """float64 slots of a quantized block's record (``_scales_kernel``): eps and rho of its key group per query
+    row (``gr`` of them), the largest key operand, the largest |v_hat|, then the largest and smallest
+    value radius per channel group."""
+    return 2 * gr + 2 + 2 * (d // VALUE_GROUP)
+
+
+@triton.jit(do_not_specialize=["n_quant", "n_e0", "n_e1", "n_e2"])
+def _scales_kernel(
+    q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2, c_ptr, qstat_ptr, erec_ptr,
+    n_quant, n_e0, n_e1, n_e2,
+    G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, ETOK: tl.constexpr,
+):  # fmt: skip
+    """What the certificate takes from the cache's magnitudes, before the block masses are known; one
+    program per (batch row x KV head, key group or ETOK exact tokens). A key group: the records of its
+    quantized blocks (``stat_slots``: logit radii from |q| and the key scales, the largest key operand,
+    value magnitudes and radii). ETOK tokens of an exact block (sink, window, then promoted slots, each
+    segment in whole blocks): their largest s_up |q|.|k| per query row, largest |v| and operand."""
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    NVG: tl.constexpr = D // 64
+    NBG: tl.constexpr = KGROUP // BLK  # blocks per key group
+    NQS: tl.constexpr = 2 * GR + 2 + 2 * NVG
+    ESUB: tl.constexpr = BLK // ETOK  # exact chunks per block
+    d = tl.arange(0, D)
+    ri = tl.arange(0, GR)
+    absq = tl.abs(tl.load(q_ptr + (bh * G + ri[:, None]) * D + d[None, :], mask=ri[:, None] < G, other=0.0))
+    absq = absq.to(tl.float64)
+    n_groups = n_quant // KGROUP
+    if part < n_groups:
+        k_base = bh * n_groups * D
+        eps, rho, big = _key_group_stats(ks_ptr + k_base, kz_ptr + k_base, part, d, absq, c_ptr)
+        vg = tl.arange(0, NVG)
+        tok = part * KGROUP + tl.arange(0, KGROUP)
+        at = (bh * n_quant + tok)[:, None] * NVG + vg[None, :]
+        vs16 = tl.reshape(tl.load(vs_ptr + at), (NBG, BLK, NVG))
+        vz16 = tl.reshape(tl.load(vz_ptr + at), (NBG, BLK, NVG))
+        vmag, eta_hi, eta_lo = _value_block_stats(vs16, vz16, c_ptr)
+        rec = qstat_ptr + (bh * (n_quant // BLK) + part * NBG + tl.arange(0, NBG))[:, None] * NQS  # [NBG, 1]
+        zero = tl.zeros((NBG, 1), tl.float64)
+        tl.store(rec + ri[None, :], zero + eps[None, :])
+        tl.store(rec + GR + ri[None, :], zero + rho[None, :])
+        two = tl.arange(0, 2)[None, :]
+        tl.store(rec + 2 * GR + two, tl.where(two == 0, zero + big, vmag[:, None]))
+        tl.store(rec + 2 * GR + 2 + vg[None, :], eta_hi)
+        tl.store(rec + 2 * GR + 2 + NVG + vg[None, :], eta_lo)
+    else:
+        e = part - n_groups
+        eb = e // ESUB
+        e0 = tl.cdiv(n_e0, BLK)
+        e1 = e0 + tl.cdiv(n_e1, BLK)
+        if eb < e0:
+            kp, vp, count, first = ek0, ev0, n_e0, 0
+        elif eb < e1:
+            kp, vp, count, first = ek1, ev1, n_e1, e0
+        else:
+            kp, vp, count, first = ek2, ev2, n_e2, e1
+        t_first = (eb - first) * BLK + e % ESUB * ETOK
+        dots = tl.zeros((GR,), tl.float64)
+        v_top = tl.zeros((), tl.float64)
+        k_top = tl.zeros((), tl.float64)
+        s_up = tl.load(c_ptr + C_SUP)
+        # one token at a time: [GR, D] tiles keep the registers of the whole kernel (both branches) low
+        for j in range(ETOK):
+            on = (d * 0 + t_first + j) < count  # a tensor mask (the interpreter takes no scalar)
+            at_t = (bh * count + t_first + j) * D + d
+            k = tl.abs(tl.load(kp + at_t, mask=on, other=0.0).to(tl.float64))
+            v = tl.abs(tl.load(vp + at_t, mask=on, other=0.0).to(tl.float64))
+            dots = tl.maximum(dots, s_up * tl.sum(absq * k[None, :], 1))
+            v_top = tl.maximum(v_top, tl.max(v))
+            k_top = tl.maximum(k_top, tl.max(k))
+        pair = tl.arange(0, 2)
+        rec_t = erec_ptr + (bh * (tl.num_programs(1) - n_groups) + e) * (GR + 2)
+        tl.store(rec_t + ri, dots)
+        tl.store(rec_t + GR + pair, tl.where(pair == 0, v_top, tl.maximum(k_top, v_top)))
+
+
 # Integer arguments are not specialised (Triton compiles a variant per value that is 1 or divisible by
 # 16): the token and block counts change as the context grows, and each variant costs seconds to
-# compile. In _blocks_kernel it also keeps one type for the segment branches.
-@triton.jit(do_not_specialize=["n_quant", "n_e0", "n_e1", "n_e2", "n_splits", "nb_all", "chunk", "n_chunks", "n_parts"])
+# compile. In _scales_kernel it also keeps one type for the segment branches.
+@triton.jit(do_not_specialize=["n_quant", "n_splits", "nb_all", "chunk", "n_chunks", "n_parts"])
 def _blocks_kernel(
-    q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2,
-    m_ptr, bmass_ptr, bframe_ptr, c_ptr, scratch_ptr, p_ptr,
-    n_quant, n_e0, n_e1, n_e2, n_splits, nb_all, chunk, n_chunks, n_parts,
+    qstat_ptr, erec_ptr, m_ptr, bmass_ptr, bframe_ptr, c_ptr, scratch_ptr, p_ptr,
+    n_quant, n_splits, nb_all, chunk, n_chunks, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
-    CB: tl.constexpr, TOK: tl.constexpr, NSTAT: tl.constexpr,
+    CB: tl.constexpr, ETOK: tl.constexpr, NSTAT: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     part = tl.program_id(1)
     NVG: tl.constexpr = D // 64
+    NQS: tl.constexpr = 2 * GR + 2 + 2 * NVG  # stat_slots
     gi = tl.arange(0, GR)
     row = gi < G
-    d = tl.arange(0, D)
     u64 = tl.load(c_ptr + C_U64)
-    s_up, q_dot, infl_d = tl.load(c_ptr + C_SUP), tl.load(c_ptr + C_QDOT), tl.load(c_ptr + C_INFD)
+    q_dot, infl_d = tl.load(c_ptr + C_QDOT), tl.load(c_ptr + C_INFD)
     c1, babs_c, live_c = tl.load(c_ptr + C_C1), tl.load(c_ptr + C_BABS), tl.load(c_ptr + C_LIVE)
-    absq = tl.abs(tl.load(q_ptr + (bh * G + gi[:, None]) * D + d[None, :], mask=row[:, None], other=0.0)).to(tl.float64)
     top = _top(m_ptr, bh, n_splits, gi, row, GP)
     rp_max = tl.zeros((GR,), tl.float64)
     rh_max = tl.zeros((GR,), tl.float64)
@@ -290,11 +405,9 @@ def _blocks_kernel(
     big = tl.zeros((), tl.float64)  # the largest operand magnitude (overflow check)
     sc = scratch_ptr + bh * 4 * GR * nb_all
     n_qb = n_quant // BLK
-    if part < n_chunks:  # quantized blocks [part * chunk, part * chunk + chunk)
-        rf = tl.load(c_ptr + C_RF).to(tl.float32)
+    if part < n_chunks:  # quantized blocks [part * chunk, part * chunk + chunk): the records of _scales_kernel
         cb = tl.arange(0, CB)
         vg = tl.arange(0, NVG)
-        tok = tl.arange(0, BLK)
         hi = tl.minimum(part * chunk + chunk, n_qb)
         # per-block accumulators: elementwise across iterations, reduced across threads once at the end
         a_rp = tl.zeros((GR, CB), tl.float64)
@@ -310,35 +423,22 @@ def _blocks_kernel(
         a_vmag = tl.zeros((CB,), tl.float64)
         a_etahi = tl.zeros((CB, NVG), tl.float64)
         a_etalo = tl.full((CB, NVG), float("inf"), tl.float64)
-        a_big = tl.zeros((CB, D), tl.float64)
+        a_big = tl.zeros((CB,), tl.float64)
         for b0 in range(part * chunk, hi, CB):
             blocks = b0 + cb
             okb = blocks < hi
-            at = (bh * (n_quant // KGROUP) + (blocks * BLK // KGROUP))[:, None] * D + d[None, :]
-            ks16 = tl.load(ks_ptr + at, mask=okb[:, None], other=0.0)
-            ks = ks16.to(tl.float64)
-            kz = tl.load(kz_ptr + at, mask=okb[:, None], other=0.0).to(tl.float64)
-            k_rad = (ks16.to(tl.float32) * rf).to(tl.float64)
-            k_max = tl.maximum(tl.abs(kz), tl.abs(kz + 255.0 * ks)) * (1.0 + 2.0 * u64)
-            k_err = tl.load(c_ptr + C_STEP255) * tl.abs(ks) + tl.load(c_ptr + C_MAG) * k_max + tl.load(c_ptr + C_ABS)
-            k_err = k_err * (1.0 + 2.0 * u64)
-            k_used = k_max + k_err
-            a_big = tl.maximum(a_big, tl.where(okb[:, None], k_used, 0.0))
-            eps = s_up * tl.sum(absq[:, None, :] * k_rad[None, :, :], 2) * infl_d  # [GR, CB]
-            rho = s_up * tl.sum(absq[:, None, :] * (k_used * q_dot + k_err)[None, :, :], 2) * infl_d
-            r_p = (eps + rho) * (1.0 + 2.0 * u64)
             ok = row[:, None] & okb[None, :]
+            rec = qstat_ptr + (bh * n_qb + blocks) * NQS  # [CB]: eps, rho [GR], big, vmag, eta, eta_lo [NVG]
+            eps = tl.load(rec[None, :] + gi[:, None], mask=ok, other=0.0)
+            rho = tl.load(rec[None, :] + GR + gi[:, None], mask=ok, other=0.0)
+            r_p = (eps + rho) * (1.0 + 2.0 * u64)
+            a_big = tl.maximum(a_big, tl.load(rec + 2 * GR, mask=okb, other=0.0))
+            vmag = tl.load(rec + 2 * GR + 1, mask=okb, other=0.0)
+            eta = tl.load(rec[:, None] + 2 * GR + 2 + vg[None, :], mask=okb[:, None], other=0.0)  # [CB, NVG]
+            eta_b = tl.load(rec[:, None] + 2 * GR + 2 + NVG + vg[None, :], mask=okb[:, None], other=float("inf"))
             at_b = (bh * nb_all + blocks[None, :]) * GP + gi[:, None]
             lam, dust_b, m_live, m_up = _block_stats(bmass_ptr, bframe_ptr, at_b, ok, top[:, None], c1, babs_c, live_c)
-            # values: per block the largest |v_hat| (over tokens and channel groups) and radius per group
-            at_v = (bh * n_quant + blocks[:, None, None] * BLK + tok[None, :, None]) * NVG + vg[None, None, :]
-            vs16 = tl.load(vs_ptr + at_v, mask=okb[:, None, None], other=0.0)
-            vs = vs16.to(tl.float64)
-            vz = tl.load(vz_ptr + at_v, mask=okb[:, None, None], other=0.0).to(tl.float64)
-            vmag = tl.max(tl.max(tl.maximum(tl.abs(vz), tl.abs(vz + 15.0 * vs)), 2), 1)  # [CB]
-            radius = (vs16.to(tl.float32) * rf).to(tl.float64)
-            eta = tl.max(radius, 1)  # [CB, NVG]
-            a_etalo = tl.minimum(a_etalo, tl.min(tl.where(okb[:, None, None], radius, float("inf")), 1))
+            a_etalo = tl.minimum(a_etalo, eta_b)
             a_etahi = tl.maximum(a_etahi, eta)
             a_vmag = tl.maximum(a_vmag, vmag)
             a_sw += m_up * vmag[None, :]
@@ -357,28 +457,14 @@ def _blocks_kernel(
         dust, total, s_w, w_eta = tl.sum(a_dust, 1), tl.sum(a_total, 1), tl.sum(a_sw, 1), tl.sum(a_weta, 1)
         vmag_max, big = tl.max(a_vmag), tl.max(a_big)
         eta_hi, eta_lo = tl.max(a_etahi, 0), tl.min(a_etalo, 0)
-    else:  # one block of exact tokens: sink, window, then promoted slots, each segment in whole blocks
+    else:  # one block of exact tokens (sink, window, then promoted slots): its chunks' records
         eb = part - n_chunks
-        e0 = tl.cdiv(n_e0, BLK)
-        e1 = e0 + tl.cdiv(n_e1, BLK)
-        if eb < e0:
-            kp, vp, count, first = ek0, ev0, n_e0, 0
-        elif eb < e1:
-            kp, vp, count, first = ek1, ev1, n_e1, e0
-        else:
-            kp, vp, count, first = ek2, ev2, n_e2, e1
-        vrow = tl.arange(0, TOK)
-        dots = tl.zeros((GR,), tl.float64)  # the block's largest s_up |q|.|k|
-        vmag = tl.zeros((), tl.float64)
-        for t0 in range((eb - first) * BLK, tl.minimum((eb - first) * BLK + BLK, count), TOK):
-            tk = t0 + vrow
-            okt = tk < count
-            at = (bh * count + tk[:, None]) * D + d[None, :]
-            k = tl.abs(tl.load(kp + at, mask=okt[:, None], other=0.0).to(tl.float64))
-            v = tl.abs(tl.load(vp + at, mask=okt[:, None], other=0.0).to(tl.float64))
-            dots = tl.maximum(dots, tl.max(s_up * tl.sum(absq[:, None, :] * k[None, :, :], 2), 1))
-            vmag = tl.maximum(vmag, tl.max(v))
-            big = tl.maximum(big, tl.maximum(tl.max(k), tl.max(v)))
+        ESUB: tl.constexpr = BLK // ETOK
+        sub = tl.arange(0, ESUB)
+        rec = erec_ptr + (bh * (nb_all - n_qb) * ESUB + eb * ESUB + sub) * (GR + 2)  # [ESUB]
+        dots = tl.max(tl.load(rec[:, None] + gi[None, :]), 0)  # the block's largest s_up |q|.|k|
+        vmag = tl.max(tl.load(rec + GR))
+        big = tl.max(tl.load(rec + GR + 1))
         rho = dots * q_dot * infl_d
         r_p = rho * (1.0 + 2.0 * u64)
         at_b = (bh * nb_all + n_qb + eb) * GP + gi
@@ -621,11 +707,11 @@ def _final_kernel(
     tl.store(f + 7, rp_max, mask=row)
 
 
-def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int) -> int:
+def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int, least: int) -> int:
     """Quantized blocks per program of the block passes: about ``target_programs`` in all, a multiple
-    of ``per``."""
+    of ``per`` and at least ``least`` (itself a multiple of ``per``)."""
     want = -(-n_blocks * batch_heads // target_programs)
-    return max(per, -(-want // per) * per)
+    return max(least, -(-want // per) * per)
 
 
 def certify(
@@ -639,7 +725,7 @@ def certify(
     out_dtype: torch.dtype,
     deq16: bool = False,
 ) -> tuple[torch.Tensor, streaming.Certificate]:
-    """``certkv.streaming.certify`` in four launches: the output [B, H, G, D] in ``out_dtype`` and its
+    """``certkv.streaming.certify`` in five launches: the output [B, H, G, D] in ``out_dtype`` and its
     certificate (fields [B, H, G]), with the same guarantee (output_bound >= max_j |output_j - o_j|)."""
     streaming.arithmetic(q, t1, precision, deq16)
     p = partials
@@ -654,7 +740,7 @@ def certify(
     nb_all = p.bmass.shape[1]
     assert nb_all == block_count(n_quant, tuple(counts), blk) and d % VALUE_GROUP == 0
     nb_split = max(p.chunk // blk, block_count(0, tuple(counts), blk), 1)
-    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"], PROGRAMS["blocks"])
+    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"], PROGRAMS["blocks"], CHUNK_LEAST)
     n_chunks = -(-(n_quant // blk) // chunk)
     n_parts = n_chunks + nb_all - n_quant // blk  # the quantized chunks, then one part per exact block
     gr = triton.next_power_of_2(g)
@@ -669,11 +755,20 @@ def certify(
     bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
     lp = torch.empty(bh, 3, GRID // LP_INTERVALS, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, precision, deq16, float(scale), d, blk)
+    etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
+    n_eparts = (nb_all - n_quant // blk) * (blk // etok)
+    qstat = torch.empty(bh, n_quant // blk, stat_slots(gr, d), **f64)  # type: ignore[arg-type]
+    erec = torch.empty(bh, n_eparts, gr + 2, **f64)  # type: ignore[arg-type]
+    if n_quant // KEY_GROUP + n_eparts:
+        _scales_kernel[(bh, n_quant // KEY_GROUP + n_eparts)](
+            q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
+            consts, qstat, erec, n_quant, *counts,
+            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, num_warps=WARPS["scales"],
+        )  # fmt: skip
     _blocks_kernel[(bh, n_parts)](
-        q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
-        p.m, p.bmass, p.bframe, consts, scratch, stats,
-        n_quant, *counts, p.splits, nb_all, chunk, n_chunks, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], TOK=STEP["tokens"], NSTAT=nstat,
+        qstat, erec, p.m, p.bmass, p.bframe, consts, scratch, stats,
+        n_quant, p.splits, nb_all, chunk, n_chunks, n_parts,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ETOK=etok, NSTAT=nstat,
         num_warps=WARPS["blocks"],
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](

@@ -58,6 +58,21 @@ def test_programs_of_more_query_rows_give_the_same_certificate(monkeypatch, rows
     assert_same(*both(cache, q, precision, splits, **launch))
 
 
+@pytest.mark.parametrize("case", [2, 5])
+def test_many_parts_give_the_same_certificate(monkeypatch, case):
+    # served chunks are 32+ blocks (one part at these sizes): parts of 2 blocks exercise the reductions
+    # over parts in the binning, relaxation and final passes
+    monkeypatch.setitem(epilogue.STEP, "blocks", 2)
+    monkeypatch.setattr(epilogue, "CHUNK_LEAST", 2)
+    dtype, precision, launch, (b, hkv, g, n), splits, q_scale = CASES[case]
+    cache = cache_of(b, hkv, n, dtype, seed=n)
+    q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE).reshape(b, hkv, g, 128)
+    t1 = from_cache(cache, 0)
+    n_blocks = t1.kc.shape[2] // launch.get("block", 64)
+    assert n_blocks >= 6  # three parts or more
+    assert_same(*both(cache, q, precision, splits, **launch))
+
+
 def test_gqa_group_of_three_pads_rows_without_changing_the_certificate():
     # 3 query rows per KV head: every pass runs on 4 (padded) rows, one program per row where it splits
     cache = cache_of(1, 2, 330, torch.bfloat16, seed=7)

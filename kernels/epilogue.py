@@ -299,6 +299,10 @@ def stat_slots(gr: int, d: int) -> int:
     return 2 * gr + 2 + 2 * (d // VALUE_GROUP)
 
 
+# Integer arguments are not specialised (Triton compiles a variant per value that is 1 or divisible by
+# 16): the token and block counts change as the context grows, and each variant costs seconds to
+# compile (here and in the passes below). In _scales_kernel it also keeps one type for the segment
+# branches.
 @triton.jit(do_not_specialize=["n_quant", "n_e0", "n_e1", "n_e2"])
 def _scales_kernel(
     q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2, c_ptr, qstat_ptr, erec_ptr,
@@ -369,9 +373,6 @@ def _scales_kernel(
         tl.store(rec_t + GR + pair, tl.where(pair == 0, v_top, tl.maximum(k_top, v_top)))
 
 
-# Integer arguments are not specialised (Triton compiles a variant per value that is 1 or divisible by
-# 16): the token and block counts change as the context grows, and each variant costs seconds to
-# compile. In _scales_kernel it also keeps one type for the segment branches.
 @triton.jit(do_not_specialize=["n_quant", "n_splits", "nb_all", "chunk", "n_chunks", "n_parts"])
 def _blocks_kernel(
     qstat_ptr, erec_ptr, m_ptr, bmass_ptr, bframe_ptr, c_ptr, scratch_ptr, p_ptr,

@@ -308,6 +308,7 @@ def _scales_kernel(
     q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2, c_ptr, qstat_ptr, erec_ptr,
     n_quant, n_e0, n_e1, n_e2,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, ETOK: tl.constexpr,
+    NQS: tl.constexpr,
 ):  # fmt: skip
     """What the certificate takes from the cache's magnitudes, before the block masses are known; one
     program per (batch row x KV head, key group or ETOK exact tokens). A key group: the records of its
@@ -318,7 +319,6 @@ def _scales_kernel(
     part = tl.program_id(1)
     NVG: tl.constexpr = D // 64
     NBG: tl.constexpr = KGROUP // BLK  # blocks per key group
-    NQS: tl.constexpr = 2 * GR + 2 + 2 * NVG
     ESUB: tl.constexpr = BLK // ETOK  # exact chunks per block
     d = tl.arange(0, D)
     ri = tl.arange(0, GR)
@@ -378,12 +378,11 @@ def _blocks_kernel(
     qstat_ptr, erec_ptr, m_ptr, bmass_ptr, bframe_ptr, c_ptr, scratch_ptr, p_ptr,
     n_quant, n_splits, nb_all, chunk, n_chunks, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
-    CB: tl.constexpr, ETOK: tl.constexpr, NSTAT: tl.constexpr,
+    CB: tl.constexpr, ESUB: tl.constexpr, NQS: tl.constexpr, NSTAT: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     part = tl.program_id(1)
     NVG: tl.constexpr = D // 64
-    NQS: tl.constexpr = 2 * GR + 2 + 2 * NVG  # stat_slots
     gi = tl.arange(0, GR)
     row = gi < G
     u64 = tl.load(c_ptr + C_U64)
@@ -460,7 +459,6 @@ def _blocks_kernel(
         eta_hi, eta_lo = tl.max(a_etahi, 0), tl.min(a_etalo, 0)
     else:  # one block of exact tokens (sink, window, then promoted slots): its chunks' records
         eb = part - n_chunks
-        ESUB: tl.constexpr = BLK // ETOK
         sub = tl.arange(0, ESUB)
         rec = erec_ptr + (bh * (nb_all - n_qb) * ESUB + eb * ESUB + sub) * (GR + 2)  # [ESUB]
         dots = tl.max(tl.load(rec[:, None] + gi[None, :]), 0)  # the block's largest s_up |q|.|k|
@@ -758,19 +756,20 @@ def certify(
     consts = _constants(dev, precision, deq16, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
     n_eparts = (nb_all - n_quant // blk) * (blk // etok)
-    qstat = torch.empty(bh, n_quant // blk, stat_slots(gr, d), **f64)  # type: ignore[arg-type]
+    nqs = stat_slots(gr, d)
+    qstat = torch.empty(bh, n_quant // blk, nqs, **f64)  # type: ignore[arg-type]
     erec = torch.empty(bh, n_eparts, gr + 2, **f64)  # type: ignore[arg-type]
     if n_quant // KEY_GROUP + n_eparts:
         _scales_kernel[(bh, n_quant // KEY_GROUP + n_eparts)](
             q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
             consts, qstat, erec, n_quant, *counts,
-            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, num_warps=WARPS["scales"],
+            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, NQS=nqs, num_warps=WARPS["scales"],
         )  # fmt: skip
     _blocks_kernel[(bh, n_parts)](
         qstat, erec, p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, p.splits, nb_all, chunk, n_chunks, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ETOK=etok, NSTAT=nstat,
-        num_warps=WARPS["blocks"],
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ESUB=blk // etok, NQS=nqs,
+        NSTAT=nstat, num_warps=WARPS["blocks"],
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,

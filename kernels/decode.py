@@ -5,10 +5,12 @@ Layout (the ``paper`` policy, ``CertConfig()``): keys INT8 with one 16-bit scale
 one 16-bit scale and zero point per (token, group of ``VALUE_GROUP`` channels); FP16/BF16 sink and
 window tokens. One launch: programs (batch row x KV head, split) walk their share of the quantized
 tokens, dequantizing in registers, with the GQA query heads of the KV head together; one extra
-split per (row, head) takes the sink and window tokens. (Folding the key scales into the query so
-q.k runs on the integer codes, and the value scales into the weights, measured slower on the H100:
-docs/benchmarks.md.) Each program leaves an online-softmax
-partial (running max m, sum l, weighted sum acc, binary32, log2 units); ``combine`` merges them.
+split per (row, head) takes the sink and window tokens. The code tiles come by pointer or through
+the tensor memory accelerator (``code_descriptors``; the same bytes, so the same results). (Folding
+the key scales into the query so q.k runs on the integer codes, and the value scales into the
+weights, measured slower on the H100 before the bit-trick conversion and 4-10% faster after it, but
+outside the rounding model: docs/benchmarks.md.) Each program leaves an online-softmax partial
+(running max m, sum l, weighted sum acc, binary32, log2 units); ``combine`` merges them.
 
 With ``cert=True`` the same pass also stores, per block of tokens, the binary32 sum of its weights
 and the frame they were computed in, and counts each split's rescales: all ``certkv.streaming``
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from certkv.quant import QuantizedTensor
 
@@ -100,12 +103,23 @@ def _to_float(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _dequant_keys(kc_ptr, ks_ptr, kz_ptr, n0, rows, d, D: tl.constexpr, DT: tl.constexpr):
-    """Keys of tokens n0 + rows, [BLOCK_N, D] in DT (binary32, or FP16 arithmetic for FP16 operands);
-    a block never straddles a key group. Coalesced rows; group scales broadcast in registers."""
-    tok = n0 + rows
-    c = _to_float(tl.load(kc_ptr + tok[:, None] * D + d[None, :]), DT)
+def _code_rows(src, first, n0, rows, W: tl.constexpr, TMA: tl.constexpr):
+    """Codes [BLOCK_N, W] (uint8) of tokens n0 + rows. TMA: ``src`` is a tensor descriptor over every
+    (row, head)'s codes as one [B * H * n, W] matrix and ``first`` = this (row, head)'s first row (the
+    tile arrives in shared memory by the copy engine, with no per-thread addresses); otherwise ``src``
+    points at this (row, head)'s codes (coalesced rows)."""
+    if TMA:
+        return src.load([first + n0, 0])
+    else:
+        return tl.load(src + (n0 + rows)[:, None] * W + tl.arange(0, W)[None, :])
+
+
+@triton.jit
+def _dequant_keys(codes, ks_ptr, kz_ptr, n0, d, D: tl.constexpr, DT: tl.constexpr):
+    """Keys [BLOCK_N, D] in DT (binary32, or FP16 arithmetic for FP16 operands) from their codes at
+    tokens n0 + ...; a block never straddles a key group, so the group scales broadcast in registers."""
     g = n0 // 128
+    c = _to_float(codes, DT)
     return c * tl.load(ks_ptr + g * D + d).to(DT)[None, :] + tl.load(kz_ptr + g * D + d).to(DT)[None, :]
 
 
@@ -117,15 +131,10 @@ def _dequant_nibbles(code, vs, vz, BLOCK_N: tl.constexpr, C: tl.constexpr, GROUP
 
 
 @triton.jit
-def _value_bytes(vc_ptr, vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, DT: tl.constexpr):
-    """Packed value bytes [BLOCK_N, D/2] of tokens n0 + rows and their scales and zero points
-    [BLOCK_N, D/64] in DT; coalesced rows."""
-    tok = n0 + rows
-    half = tl.arange(0, D // 2)
-    byte = tl.load(vc_ptr + tok[:, None] * (D // 2) + half[None, :])
-    groups = tl.arange(0, D // 64)
-    at = tok[:, None] * (D // 64) + groups[None, :]
-    return byte, tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
+def _value_scales(vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, DT: tl.constexpr):
+    """Scales and zero points [BLOCK_N, D/64] in DT of the values of tokens n0 + rows."""
+    at = (n0 + rows)[:, None] * (D // 64) + tl.arange(0, D // 64)[None, :]
+    return tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
 
 
 @triton.jit
@@ -153,7 +162,7 @@ def _decode_kernel(
     n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks, n_splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr, CERT: tl.constexpr,
-    PROMOTED: tl.constexpr,
+    PROMOTED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -171,16 +180,20 @@ def _decode_kernel(
     resc = tl.zeros((GP,), tl.int32)
     DT: tl.constexpr = tl.float16 if DEQ16 else tl.float32
     if split < n_splits:
-        kc = kc_ptr + bh * n_quant * D
+        if TMA:  # descriptors over all (row, head)s: this one's tokens start at row bh * n_quant
+            kc = kc_ptr
+            vc = vc_ptr
+        else:
+            kc = kc_ptr + bh * n_quant * D
+            vc = vc_ptr + bh * n_quant * (D // 2)
         ks = ks_ptr + bh * (n_quant // 128) * D
         kz = kz_ptr + bh * (n_quant // 128) * D
-        vc = vc_ptr + bh * n_quant * (D // 2)
         vs = vs_ptr + bh * n_quant * (D // 64)
         vz = vz_ptr + bh * n_quant * (D // 64)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
-            k = _dequant_keys(kc, ks, kz, n0, rows, d, D, DT)
+            k = _dequant_keys(_code_rows(kc, bh * n_quant, n0, rows, D, TMA), ks, kz, n0, d, D, DT)
             t = _mma(q, tl.trans(k), PRECISION) * qk_scale
             if PROMOTED:  # promoted tokens are served from their exact copies in the last split
                 skip = tl.load(pmask_ptr + bh * n_quant + n0 + rows) != 0
@@ -195,7 +208,8 @@ def _decode_kernel(
             p = tl.exp2(t - m_frame[:, None])
             block_sum = tl.sum(p, 1)
             l_sum = l_sum * alpha + block_sum
-            byte, v_s, v_z = _value_bytes(vc, vs, vz, n0, rows, D, DT)
+            byte = _code_rows(vc, bh * n_quant, n0, rows, D // 2, TMA)
+            v_s, v_z = _value_scales(vs, vz, n0, rows, D, DT)
             if SPLIT_V:
                 # channel 2i (low nibble) and 2i + 1 (high) both lie in scale group i // 32: two
                 # accumulators, no interleave in registers
@@ -306,6 +320,37 @@ def block_count(n_quant: int, exact: tuple[int, ...], block: int) -> int:
     return n_quant // block + sum(-(-c // block) for c in exact)
 
 
+# "auto" loads the codes through TMA inside a CUDA graph, where the descriptors cost nothing at replay,
+# and eagerly from this many code bytes (B * H * n * 3D/2) on, where the kernel's GPU time exceeds the
+# ~50 µs of host time a launch's two descriptors take (H100: docs/benchmarks.md, section "Codes by TMA")
+TMA_EAGER_BYTES = 1 << 28
+TMA_MODES = ("off", "auto", "on")
+
+
+def code_descriptors(t1: Tier1, block: int, mode: str = "on") -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """Tensor descriptors over the key and value codes as [B * H * n, W] matrices with [block, W] tiles,
+    so that the kernel's code tiles arrive in shared memory by the copy engine (TMA, Hopper and later),
+    or None: ``mode`` "off", or "auto" outside a CUDA graph below ``TMA_EAGER_BYTES``, or where the copy
+    engine cannot take them (no quantized tokens, a GPU without TMA, codes not contiguous or not
+    16-byte aligned). On the CPU (Triton's interpreter) descriptors are emulated, so tests run this path."""
+    if mode not in TMA_MODES:
+        raise ValueError(f"tma mode {mode!r}: one of {TMA_MODES}")
+    kc, vc = t1.kc, t1.vc
+    if mode == "off" or kc.shape[2] == 0 or not (kc.is_contiguous() and vc.is_contiguous()):
+        return None
+    if kc.is_cuda and torch.cuda.get_device_capability(kc.device)[0] < 9:
+        return None
+    capturing = kc.is_cuda and torch.cuda.is_current_stream_capturing()
+    if mode == "auto" and not capturing and kc.numel() + vc.numel() < TMA_EAGER_BYTES:
+        return None
+    if kc.data_ptr() % 16 or vc.data_ptr() % 16:
+        return None
+    return (
+        TensorDescriptor.from_tensor(kc.reshape(-1, kc.shape[-1]), [block, kc.shape[-1]]),
+        TensorDescriptor.from_tensor(vc.reshape(-1, vc.shape[-1]), [block, vc.shape[-1]]),
+    )
+
+
 def decode_partials(
     q: torch.Tensor,
     t1: Tier1,
@@ -318,6 +363,7 @@ def decode_partials(
     deq16: bool = False,
     split_v: bool = False,
     cert: bool = False,
+    tma: str = "off",
 ) -> Partials:
     """Launch the kernel: q [B, H, G, D] (16-bit); ``cert`` adds the certificate's statistics.
 
@@ -325,7 +371,10 @@ def decode_partials(
     unpadded), "tf32" or "fp16" (tensor cores; operands rounded to 10-bit mantissas; "fp16" overflows
     beyond 65504, so it suits FP16 models only). ``certkv.streaming`` certifies "ieee", "fma" and
     "fp16", not "tf32". ``deq16``: dequantize in FP16 arithmetic (FP16 operands only); ``split_v``:
-    accumulate even and odd value channels separately instead of interleaving the nibbles in registers."""
+    accumulate even and odd value channels separately instead of interleaving the nibbles in registers.
+    ``tma``: "on" loads the key and value codes through the tensor memory accelerator where the device
+    has one, "auto" where it also pays (``code_descriptors``), "off" never; the same bytes, so the same
+    results bit for bit."""
     if deq16 and precision != "fp16":
         raise ValueError("deq16 needs precision='fp16'")
     b, h, g, d = q.shape
@@ -349,13 +398,15 @@ def decode_partials(
         out.resc = torch.empty(b * h, s + 1, gp, dtype=torch.int32, device=dev)
     stats = [out.bmass, out.bframe, out.resc]
     prom = [t1.prom_k, t1.prom_v, t1.prom_idx, t1.prom_mask]
+    descriptors = code_descriptors(t1, block, tma)
+    kc, vc = descriptors or (t1.kc, t1.vc)
     _decode_kernel[(b * h, s + 1)](
-        q.contiguous(), t1.kc, t1.ks, t1.kz, t1.vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
+        q.contiguous(), kc, t1.ks, t1.kz, vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
         *(t1.kc if x is None else x for x in prom),
         m, l_sum, acc, *(m if x is None else x for x in stats),
         n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb, s,
         G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
-        CERT=cert, PROMOTED=n_prom > 0, num_warps=num_warps, num_stages=num_stages,
+        CERT=cert, PROMOTED=n_prom > 0, TMA=descriptors is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 

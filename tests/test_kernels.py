@@ -8,7 +8,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from certkv.kernels.decode import combine, decode, decode_partials, decode_reference, from_cache, splits_for
+from certkv.kernels.decode import (
+    code_descriptors,
+    combine,
+    decode,
+    decode_partials,
+    decode_reference,
+    from_cache,
+    splits_for,
+)
 
 import certkv
 from tests.helpers import make_kv, make_q
@@ -66,6 +74,28 @@ def test_tensor_core_variants_stay_close(precision, tol, options):
     got = combine(partials, 2).reshape(1, 2, 2, 128)
     want = decode_reference(q.cpu(), on_cpu(t1), 128**-0.5)
     assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < tol
+
+
+@pytest.mark.parametrize(
+    "dtype, launch",
+    [(torch.float16, dict(precision="fp16", block=128, split_v=True, num_stages=2)),
+     (torch.bfloat16, dict(precision="fma", block=16, num_stages=2)),
+     (torch.bfloat16, dict(precision="ieee", block=64))],
+)  # fmt: skip
+def test_codes_through_tma_descriptors_give_the_same_partials_bit_for_bit(dtype, launch):
+    # the serving launches of both dtypes and a third: the same bytes by the copy engine or by pointer
+    cache = filled_cache(2, 2, 430, dtype, seed=11)
+    t1 = from_cache(cache, 0)
+    tma_device = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    assert (code_descriptors(t1, launch["block"]) is not None) == tma_device
+    # "auto" leaves eager launches this small to pointers (descriptors cost host time); bad modes are refused
+    assert code_descriptors(t1, launch["block"], "auto") is None
+    with pytest.raises(ValueError, match="tma mode"):
+        code_descriptors(t1, launch["block"], "yes")
+    q = make_q(b=2, hq=4, d=128, dtype=dtype, seed=12, scale=2.0).to(DEVICE).reshape(2, 2, 2, 128)
+    by_tma, by_pointer = (decode_partials(q, t1, 128**-0.5, 3, cert=True, tma=m, **launch) for m in ("on", "off"))
+    for name in ("m", "l", "acc", "bmass", "bframe", "resc"):
+        assert torch.equal(getattr(by_tma, name), getattr(by_pointer, name)), name
 
 
 def test_split_count_fills_the_gpu_and_never_splits_below_a_block():

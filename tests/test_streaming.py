@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from certkv.kernels.decode import Tier1, decode_partials, from_cache, partials_reference
+from certkv.kernels.decode import Tier1, code_descriptors, decode_partials, from_cache, partials_reference
 
 import certkv
-from certkv.streaming import certify, kernel_step
+from certkv.streaming import BOUND_FIELDS, certify, kernel_step
 from tests.helpers import assert_sound, kernel_result, make_kv, make_q
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +36,7 @@ CASES = [
     (torch.float16, "fp16", {"block": 32, "deq16": True, "split_v": True}, (1, 2, 1, 650), 2, 2.0),
     (torch.float16, "fma", {"block": 16}, (1, 1, 2, 300), None, 2.0),
     (torch.bfloat16, "ieee", {}, (1, 1, 4, 900), 4, 40.0),  # peaky: most blocks are dust
-    (torch.float16, "fp16", {"block": 64}, (1, 2, 2, 460), None, 0.05),  # flat attention
+    (torch.float16, "fp16", {"block": 64, "tma": "on"}, (1, 2, 2, 460), None, 0.05),  # flat; codes by TMA
 ]
 
 
@@ -188,3 +188,25 @@ def test_head_dims_the_kernels_cannot_tile_go_to_the_torch_path():
     result = cache.attend(0, q)
     assert cache.kernel_steps == {"tried": 0, "served": 0}
     assert_sound(cache, 0, q.cpu(), result)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_certified_step_captured_in_a_cuda_graph_equals_the_eager_step():
+    # the FP16 serving launch loads codes by pointer eagerly at this size and through TMA (where the
+    # GPU has it) inside a graph, compiled during the capture: the same bits either way
+    cache = cache_of(2, 2, 700, torch.float16, seed=3)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    q = make_q(b=2, hq=4, d=128, dtype=torch.float16, seed=5, scale=2.0).to(DEVICE).reshape(2, 2, 2, 128)
+    assert code_descriptors(t1, 128, "auto") is None
+    eager = kernel_step(q, t1, SCALE, st.v_min, st.v_max)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = code_descriptors(t1, 128, "auto")
+        graphed = kernel_step(q, t1, SCALE, st.v_min, st.v_max)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (captured is not None) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert torch.equal(graphed[0], eager[0])
+    for name in BOUND_FIELDS:
+        assert torch.equal(getattr(graphed[1], name), getattr(eager[1], name)), name

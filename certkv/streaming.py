@@ -315,7 +315,7 @@ def serving_launch(dtype: torch.dtype) -> dict[str, object]:
     """The decode-kernel launch certkv serves a cache of ``dtype`` with (``decode_partials`` options;
     measured on the H100: docs/benchmarks.md). FP16 caches: FP16 tensor-core products, 128-token
     blocks, even and odd value channels accumulated apart, two pipeline stages, the codes through TMA
-    where it pays (``tma="auto"``: the kernel 14-17% faster at 128K; dequantizing in FP16 arithmetic,
+    where it pays (``tma="auto"``: the kernel 17-18% faster at 128K; dequantizing in FP16 arithmetic,
     ``deq16``, made the step 2-6% faster and the median bound 12-14% looser). Anything else: binary32
     products on the CUDA cores, 16-token blocks, codes by pointer (TMA made those small tiles 3-8%
     slower; BF16 operands would lose range in FP16, and "fp16" is certified for FP16 caches only:

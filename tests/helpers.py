@@ -45,7 +45,6 @@ def kernel_result(cache, q, precision, splits=None, epilogue="torch", **launch):
     from certkv.kernels import epilogue as fused
     from certkv.kernels.decode import decode_partials, from_cache
 
-    from certkv.certificate import AttentionResult, Certificate
     from certkv.streaming import certify as reference
 
     certify = fused.certify if epilogue == "fused" else reference
@@ -58,6 +57,15 @@ def kernel_result(cache, q, precision, splits=None, epilogue="torch", **launch):
     scale = d**-0.5
     partials = decode_partials(qg, t1, scale, splits, precision=precision, cert=True, **launch)
     out, cert = certify(qg, t1, partials, scale, precision, st.v_min, st.v_max, q.dtype, launch.get("deq16", False))
-    fields = {k: v.reshape(b, hq, 1) for k, v in cert.to_dict().items()}
-    none = torch.zeros(b, hkv, st.length, dtype=torch.bool)
-    return AttentionResult(out.reshape(b, hq, 1, d).cpu(), Certificate(**fields), none, none)
+    return served_result(cache, out, cert)
+
+
+def served_result(cache, out, cert):
+    """A kernel step's output [B, H_kv, G, D] and certificate ([B, H_kv, G] fields) on layer 0 of
+    ``cache``, shaped as the cache serves a step (query heads flattened, nothing fetched)."""
+    from certkv.certificate import AttentionResult, Certificate
+
+    b, hkv, g, d = out.shape
+    fields = {k: v.reshape(b, hkv * g, 1) for k, v in cert.to_dict().items()}
+    none = torch.zeros(b, hkv, cache._layers[0].length, dtype=torch.bool)
+    return AttentionResult(out.reshape(b, hkv * g, 1, d).cpu(), Certificate(**fields), none, none)

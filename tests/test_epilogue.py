@@ -15,7 +15,7 @@ from certkv.kernels import epilogue
 from certkv.kernels.decode import decode_partials, from_cache
 
 from certkv.streaming import BOUND_FIELDS, certify
-from tests.helpers import assert_sound, kernel_result, make_q
+from tests.helpers import assert_sound, make_q, served_result
 from tests.test_streaming import CASES, DEVICE, SCALE, cache_of, promoted_cache
 
 
@@ -79,7 +79,7 @@ def test_gqa_group_of_three_pads_rows_without_changing_the_certificate():
     q = make_q(b=1, hq=6, d=128, dtype=torch.bfloat16, seed=8, scale=2.0).to(DEVICE)
     ref, fused = both(cache, q.reshape(1, 2, 3, 128), "fma", block=16)
     assert_same(ref, fused)
-    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "fma", epilogue="fused", block=16))
+    assert_sound(cache, 0, q.cpu(), served_result(cache, *fused))
 
 
 def test_no_exact_tokens():
@@ -87,7 +87,7 @@ def test_no_exact_tokens():
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2).to(DEVICE)
     ref, fused = both(cache, q.reshape(1, 2, 2, 128), "ieee")
     assert_same(ref, fused)
-    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "ieee", epilogue="fused"))
+    assert_sound(cache, 0, q.cpu(), served_result(cache, *fused))
 
 
 def test_fused_epilogue_refuses_and_flags_like_its_reference():
@@ -112,4 +112,4 @@ def test_promoted_tokens_through_the_fused_epilogue():
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=11).to(DEVICE)
     ref, fused = both(cache, q.reshape(1, 2, 2, 128), "fp16", splits=2, block=32)
     assert_same(ref, fused)
-    assert_sound(cache, 0, q.cpu(), kernel_result(cache, q, "fp16", splits=2, epilogue="fused", block=32))
+    assert_sound(cache, 0, q.cpu(), served_result(cache, *fused))

@@ -308,7 +308,7 @@ def _scales_kernel(
     q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2, c_ptr, qstat_ptr, erec_ptr,
     n_quant, n_e0, n_e1, n_e2,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, ETOK: tl.constexpr,
-    NQS: tl.constexpr,
+    ESUB: tl.constexpr, NQS: tl.constexpr,
 ):  # fmt: skip
     """What the certificate takes from the cache's magnitudes, before the block masses are known; one
     program per (batch row x KV head, key group or ETOK exact tokens). A key group: the records of its
@@ -319,7 +319,6 @@ def _scales_kernel(
     part = tl.program_id(1)
     NVG: tl.constexpr = D // 64
     NBG: tl.constexpr = KGROUP // BLK  # blocks per key group
-    ESUB: tl.constexpr = BLK // ETOK  # exact chunks per block
     d = tl.arange(0, D)
     ri = tl.arange(0, GR)
     absq = tl.abs(tl.load(q_ptr + (bh * G + ri[:, None]) * D + d[None, :], mask=ri[:, None] < G, other=0.0))
@@ -755,7 +754,8 @@ def certify(
     lp = torch.empty(bh, 3, GRID // LP_INTERVALS, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, precision, deq16, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
-    n_eparts = (nb_all - n_quant // blk) * (blk // etok)
+    esub = blk // etok  # exact chunks (scales-pass programs) per exact block
+    n_eparts = (nb_all - n_quant // blk) * esub
     nqs = stat_slots(gr, d)
     qstat = torch.empty(bh, n_quant // blk, nqs, **f64)  # type: ignore[arg-type]
     erec = torch.empty(bh, n_eparts, gr + 2, **f64)  # type: ignore[arg-type]
@@ -763,12 +763,12 @@ def certify(
         _scales_kernel[(bh, n_quant // KEY_GROUP + n_eparts)](
             q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
             consts, qstat, erec, n_quant, *counts,
-            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, NQS=nqs, num_warps=WARPS["scales"],
+            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, ESUB=esub, NQS=nqs, num_warps=WARPS["scales"],
         )  # fmt: skip
     _blocks_kernel[(bh, n_parts)](
         qstat, erec, p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, p.splits, nb_all, chunk, n_chunks, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ESUB=blk // etok, NQS=nqs,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ESUB=esub, NQS=nqs,
         NSTAT=nstat, num_warps=WARPS["blocks"],
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](

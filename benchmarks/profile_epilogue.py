@@ -26,14 +26,14 @@ from benchmarks.certified_decode import _epilogue_args
 from benchmarks.decode_bench import HKV, HQ, D, tier1
 from certkv.streaming import serving_launch
 
-# each shape: settings of epilogue.WARPS / STEP / PROGRAMS and of its LP_ROWS / LP_INTERVALS ("lp.*");
+# each shape: settings of epilogue.WARPS / STEP / PROGRAMS / LP_INTERVALS and of its LP_ROWS ("lp.rows");
 # the defaults elsewhere. ``--sweep NAME`` runs one list and writes profile_epilogue_NAME.json.
 SWEEPS = {
     "blocks": [{"warps.blocks": w, "step.blocks": cb, "step.tokens": tok, "programs.blocks": p}
                for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]
               + [{"warps.lp": 16}],
     "lprows": [{}] + [{"lp.rows": r, "warps.lp": w} for r, w in itertools.product((1, 2), (2, 4, 8))],
-    "lp": [{}, {"warps.lp": 1}, {"lp.intervals": 4}, {"lp.intervals": 16}, {"warps.lp": 4, "lp.intervals": 16}],
+    "lp": [{}, {"warps.lp": 2}, {"intervals.few": 8}, {"intervals.many": 4}, {"intervals.many": 16}],
     "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
     "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
     "parts": [{"programs.blocks": p, "step.blocks": cb} for p, cb in itertools.product((132, 264, 528), (8, 16, 32))],
@@ -44,10 +44,11 @@ SWEEPS = {
 def _apply(shape: dict[str, int]) -> dict[str, int]:
     """Set a shape's values in the epilogue's tables; returns the values they replace."""
     tables = {"warps": epilogue.WARPS, "step": epilogue.STEP, "programs": epilogue.PROGRAMS}
+    tables["intervals"] = epilogue.LP_INTERVALS
     old = {}
     for key, value in shape.items():
         table, name = key.split(".")
-        if table in ("lp", "final"):  # the module's LP_ROWS, LP_INTERVALS, FINAL_ROWS
+        if table in ("lp", "final"):  # the module's LP_ROWS, FINAL_ROWS
             attr = f"{table.upper()}_{name.upper()}"
             old[key] = getattr(epilogue, attr)
             setattr(epilogue, attr, value)

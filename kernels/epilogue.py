@@ -59,10 +59,7 @@ NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning p
 N_FIELDS = len(streaming.BOUND_FIELDS)
 # launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
 # docs/benchmarks.md)
-WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 2, "final": 4}
-# the relaxation's warps once its grid has more than LP_MANY programs (B = 8 on the H100: one warp
-# 118 us against 161 with two; B = 1: 35 against 23)
-WARPS_LP_MANY, LP_MANY = 1, 2048
+WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 1, "final": 4}
 # blocks per loop iteration of the block pass (a chunk is a whole number of block steps), exact tokens
 # per program of the scales pass
 STEP = {"blocks": 16, "bins": 16, "tokens": 8}
@@ -70,7 +67,10 @@ PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about fo
 # quantized blocks per part at the least: every binning program, the relaxation and the final pass
 # reduce over the parts (H100, 128K: 528 parts of 16 blocks at B = 1 binned in 27 us, 256 of 32 in 14)
 CHUNK_LEAST = 32
-LP_INTERVALS = 8
+# grid intervals of the relaxation per program: "few" while that makes at most LP_MANY programs, else
+# "many" (H100: B = 1, 8 KV heads, 9.6 us with 4 against 13.0 with 8; B = 8: 47 with 8 against 51)
+LP_INTERVALS = {"few": 4, "many": 8}
+LP_MANY = 2048
 LP_ROWS = 1  # query rows per relaxation program (at most the padded GQA group)
 FINAL_ROWS = 1  # query rows per program of the final pass
 
@@ -174,7 +174,10 @@ def _dual(dem, w, mass):
     """1 / w of the critical bin of the light knapsack (descending w, cumulative benefit reaching the
     demand), 0 where the demand is <= 0 and 1e12 where it cannot be met; by pairwise comparison."""
     benefit = mass * w
-    cum = tl.sum(tl.where(w[:, None, :] >= w[:, :, None], benefit[:, None, :], 0.0), 2)  # [GR, k]
+    # [GR, l, k] summed over l: the middle axis lies within each thread, so the 32 x 32 comparison
+    # needs no exchange between the warp's lanes (summed over k it took 768 float64 shuffles per
+    # program and the relaxation 118 us at B = 8 on the H100; this way 47 us)
+    cum = tl.sum(tl.where(w[:, :, None] >= w[:, None, :], benefit[:, :, None], 0.0), 1)  # [GR, k]
     w_crit = tl.max(tl.where(cum >= dem[:, None], w, -1.0), 1)
     lam = tl.where(w_crit > 0, 1.0 / w_crit, 1e12)
     lam = tl.where(dem > tl.sum(benefit, 1), 1e12, lam)
@@ -751,7 +754,10 @@ def certify(
     stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
     summary = torch.empty(bh, NSUM, gr, **f64)  # type: ignore[arg-type]
     bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
-    lp = torch.empty(bh, 3, GRID // LP_INTERVALS, gr, **f64)  # type: ignore[arg-type]
+    rows = min(LP_ROWS, gr)
+    few = bh * (gr // rows) * 3 * (GRID // LP_INTERVALS["few"]) <= LP_MANY
+    per = LP_INTERVALS["few"] if few else LP_INTERVALS["many"]
+    lp = torch.empty(bh, 3, GRID // per, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, precision, deq16, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
     esub = blk // etok  # exact chunks (scales-pass programs) per exact block
@@ -775,18 +781,15 @@ def certify(
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
     )  # fmt: skip
-    rows = min(LP_ROWS, gr)
-    lp_grid = (bh * (gr // rows), 3, GRID // LP_INTERVALS)
-    _lp_kernel[lp_grid](
+    _lp_kernel[(bh * (gr // rows), 3, GRID // per)](
         consts, summary, bins, lp, nb_all, n_parts,
-        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=LP_INTERVALS,
-        num_warps=WARPS_LP_MANY if math.prod(lp_grid) > LP_MANY else WARPS["lp"],
+        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=per, num_warps=WARPS["lp"],
     )  # fmt: skip
     final_rows = min(FINAL_ROWS, gr)
     _final_kernel[(bh * (gr // final_rows),)](
         p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, GRID=GRID, PER=LP_INTERVALS, NSTAT=nstat,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, GRID=GRID, PER=per, NSTAT=nstat,
         NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, R=final_rows, num_warps=WARPS["final"],
     )  # fmt: skip
     bounds = {name: fields[..., i].reshape(b, h, g) for i, name in enumerate(streaming.BOUND_FIELDS)}

@@ -38,6 +38,8 @@ SWEEPS = {
     "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
     "parts": [{"programs.blocks": p, "step.blocks": cb} for p, cb in itertools.product((132, 264, 528), (8, 16, 32))],
     "scales": [{"warps.scales": w, "step.tokens": t} for w, t in itertools.product((1, 2, 4), (8, 16, 32))],
+    "onewarp": [{}, {"warps.bins": 1}, {"warps.bins": 1, "step.bins": 8}, {"warps.bins": 1, "step.bins": 32},
+                {"warps.blocks": 1}, {"warps.final": 1}, {"warps.final": 2}],
 }  # fmt: skip
 
 

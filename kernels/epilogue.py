@@ -57,9 +57,9 @@ S_RP, S_RH, S_EPS, S_LAM, S_RLP, S_RLH, S_DUST, S_TOTAL, S_SW, S_VMAG, S_BIG = m
 S_VEC = tl.constexpr(11)
 NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning pass reduces them once)
 N_FIELDS = len(streaming.BOUND_FIELDS)
-# launch shapes: warps per kernel, and grid intervals of the LP per program (measured on the H100:
-# docs/benchmarks.md)
-WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 1, "final": 4}
+# warps per kernel (measured on the H100, docs/benchmarks.md: one warp for the relaxation once its
+# comparisons stay within threads, and for the final pass; two for the block and binning passes)
+WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 1, "final": 1}
 # blocks per loop iteration of the block pass (a chunk is a whole number of block steps), exact tokens
 # per program of the scales pass
 STEP = {"blocks": 16, "bins": 16, "tokens": 8}

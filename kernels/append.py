@@ -20,6 +20,8 @@ import triton.language as tl
 
 from certkv.quant import RADIUS_FACTOR, QuantizedTensor
 
+from .decode import EXACT_OPS
+
 KEY_GROUP = 128
 VALUE_GROUP = 64
 
@@ -96,7 +98,7 @@ def append_block(
     vz, vr = torch.empty_like(vs), torch.empty_like(vs, dtype=torch.float32)
     _append_kernel[(b * h, n // KEY_GROUP)](
         k.contiguous(), v.contiguous(), kc, ks, kz, kr, vc, vs, vz, vr, n,
-        D=d, DT=dt, UT=tl.uint16, RADIUS=RADIUS_FACTOR,
+        D=d, DT=dt, UT=tl.uint16, RADIUS=RADIUS_FACTOR, **EXACT_OPS,
     )  # fmt: skip
     keys = QuantizedTensor(kc, ks, kz, 8, "token", KEY_GROUP, d)
     values = QuantizedTensor(vc, vs, vz, 4, "channel", VALUE_GROUP, d)

@@ -37,6 +37,12 @@ from certkv.quant import QuantizedTensor
 KEY_GROUP = 128
 VALUE_GROUP = 64
 LOG2E = 1.4426950408889634
+# Every certkv launch compiles without floating-point contraction: the certificate's rounding model
+# (docs/theory.md section 8) follows each operation as written, as Triton's interpreter runs them. With
+# contraction the compiler fused the logit scaling into the exp2 argument (sm_90 PTX:
+# exp2(fma(dot, c, -m)), while the running maximum read the rounded logit fl(dot * c)), so one logit
+# had two values, which the model does not allow for.
+EXACT_OPS = {"enable_fp_fusion": False}
 
 
 @dataclass
@@ -407,6 +413,7 @@ def decode_partials(
         n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb, s,
         G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
         CERT=cert, PROMOTED=n_prom > 0, TMA=descriptors is not None, num_warps=num_warps, num_stages=num_stages,
+        **EXACT_OPS,
     )  # fmt: skip
     return out
 

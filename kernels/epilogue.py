@@ -45,7 +45,7 @@ from certkv.quant import RADIUS_FACTOR
 from certkv.rounding import U32, U64, gamma, inflate
 from certkv.tv import BIN_RATIO, BINS, GRID, HEAVY, RELAX_MAX_RADIUS
 
-from .decode import KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
+from .decode import EXACT_OPS, KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
 
 # the float64 constants' slots in the table the kernel reads (Triton passes float scalars as binary32)
 (C_SUP, C_STEP255, C_MAG, C_ABS, C_PREL, C_PABS, C_LIMIT, C_DOTU, C_QDOT, C_INFD, C_C1, C_BABS, C_LIVE, C_DUSTMAX,
@@ -769,21 +769,22 @@ def certify(
         _scales_kernel[(bh, n_quant // KEY_GROUP + n_eparts)](
             q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
             consts, qstat, erec, n_quant, *counts,
-            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, ESUB=esub, NQS=nqs, num_warps=WARPS["scales"],
+            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, ESUB=esub, NQS=nqs, num_warps=WARPS["scales"], **EXACT_OPS,
         )  # fmt: skip
     _blocks_kernel[(bh, n_parts)](
         qstat, erec, p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, p.splits, nb_all, chunk, n_chunks, n_parts,
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ESUB=esub, NQS=nqs,
-        NSTAT=nstat, num_warps=WARPS["blocks"],
+        NSTAT=nstat, num_warps=WARPS["blocks"], **EXACT_OPS,
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
+        **EXACT_OPS,
     )  # fmt: skip
     _lp_kernel[(bh * (gr // rows), 3, GRID // per)](
         consts, summary, bins, lp, nb_all, n_parts,
-        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=per, num_warps=WARPS["lp"],
+        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=per, num_warps=WARPS["lp"], **EXACT_OPS,
     )  # fmt: skip
     final_rows = min(FINAL_ROWS, gr)
     _final_kernel[(bh * (gr // final_rows),)](
@@ -791,6 +792,7 @@ def certify(
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, GRID=GRID, PER=per, NSTAT=nstat,
         NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, R=final_rows, num_warps=WARPS["final"],
+        **EXACT_OPS,
     )  # fmt: skip
     bounds = {name: fields[..., i].reshape(b, h, g) for i, name in enumerate(streaming.BOUND_FIELDS)}
     return out, streaming.stage0_certificate(bounds)

@@ -1,6 +1,7 @@
-"""The two assumptions certkv.streaming makes about the kernel's arithmetic, measured where the tests
-run (Triton's interpreter on the CPU, the GPU under CUDA): Triton's exp2 within EXP_REL relative plus
-EXP_ABS absolute of 2^x, and tl.dot accumulation within gamma_n(dot_u) of the magnitudes summed."""
+"""The assumptions certkv.streaming makes about the kernel's arithmetic, measured where the tests run
+(Triton's interpreter on the CPU, the GPU under CUDA): Triton's exp2 within EXP_REL relative plus
+EXP_ABS absolute of 2^x, tl.dot accumulation within gamma_n(dot_u) of the magnitudes summed, and
+every certkv launch compiled without floating-point contraction (each operation rounded as written)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,34 @@ def test_dot_accumulation_meets_its_model(precision):
         exact = a.double() @ b.double()
         bound = gamma(k + 2, dot_u) * (a.double().abs() @ b.double().abs())
         assert bool(((c.double().cpu() - exact).abs() <= bound).all())
+
+
+def test_every_certkv_launch_compiles_without_contraction(monkeypatch):
+    # the rounding model follows each operation as written; with contraction the GPU build fused the
+    # logit scaling into the exp2 argument (docs/benchmarks.md, "No floating-point contraction"), so
+    # each of the seven kernels must be launched with enable_fp_fusion=False
+    from certkv.kernels import append, decode, epilogue
+    from certkv.kernels.decode import decode_partials, from_cache
+
+    from tests.helpers import make_kv, make_q
+    from tests.test_streaming import SCALE, cache_of
+
+    kernels = [append._append_kernel, decode._decode_kernel]
+    kernels += [getattr(epilogue, f"_{name}_kernel") for name in ("scales", "blocks", "bins", "lp", "final")]
+    fusion: dict[str, object] = {}
+    for kernel in kernels:
+
+        def record(*args, _kernel=kernel, _run=kernel.run, **kwargs):
+            fusion[_kernel.fn.__name__] = kwargs.get("enable_fp_fusion", "default")
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", record)
+    k, v = make_kv(b=1, hkv=1, n=128, d=128, dtype=torch.float16, seed=0)
+    append.append_block(k.to(DEVICE), v.to(DEVICE))
+    cache = cache_of(1, 1, 300, torch.float16)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    q = make_q(b=1, hq=2, d=128, dtype=torch.float16, seed=1).to(DEVICE).reshape(1, 1, 2, 128)
+    partials = decode_partials(q, t1, SCALE, precision="fp16", cert=True)
+    epilogue.certify(q, t1, partials, SCALE, "fp16", st.v_min, st.v_max, q.dtype)
+    assert fusion == {kernel.fn.__name__: False for kernel in kernels}

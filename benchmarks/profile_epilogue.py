@@ -45,8 +45,12 @@ SWEEPS = {
 
 def _apply(shape: dict[str, int]) -> dict[str, int]:
     """Set a shape's values in the epilogue's tables; returns the values they replace."""
-    tables = {"warps": epilogue.WARPS, "step": epilogue.STEP, "programs": epilogue.PROGRAMS}
-    tables["intervals"] = epilogue.LP_INTERVALS
+    tables = {
+        "warps": epilogue.WARPS,
+        "step": epilogue.STEP,
+        "programs": epilogue.PROGRAMS,
+        "intervals": epilogue.LP_INTERVALS,
+    }
     old = {}
     for key, value in shape.items():
         table, name = key.split(".")

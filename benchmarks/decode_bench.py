@@ -26,16 +26,16 @@ from triton.testing import do_bench
 
 HQ, HKV, D, SINKS, WINDOW = 32, 8, 128, 4, 252
 # launch variants timed side by side: binary32 products (what certkv's rounding model covers) and
-# FP16 tensor-core products, with FP16 dequantization and split value channels (v5) or not (v2)
+# FP16 tensor-core products, with FP16 dequantization and the logits over two channel chunks or not
 VARIANTS = {
     "ieee_b64_w4": dict(precision="ieee", block=64, num_warps=4),
-    "fp16_b128_w8_deq16_split": dict(precision="fp16", block=128, num_warps=8, num_stages=2, deq16=True, split_v=True),
-    "fp16_b64_w4_deq16_split": dict(precision="fp16", block=64, num_warps=4, deq16=True, split_v=True),
+    "fp16_b128_w8_deq16_k2": dict(precision="fp16", block=128, num_warps=8, num_stages=2, deq16=True, key_chunks=2),
+    "fp16_b64_w4_deq16_k2": dict(precision="fp16", block=64, num_warps=4, deq16=True, key_chunks=2),
     "fma_b16_w4": dict(precision="fma", block=16, num_warps=4),
     "fma_b16_w8": dict(precision="fma", block=16, num_warps=8),
     "fma_b32_w8": dict(precision="fma", block=32, num_warps=8),
-    "fma_b16_w4_split": dict(precision="fma", block=16, num_warps=4, split_v=True),
-    "fma_b32_w8_split": dict(precision="fma", block=32, num_warps=8, split_v=True),
+    "fma_b16_w4_k2": dict(precision="fma", block=16, num_warps=4, key_chunks=2),
+    "fma_b32_w8_k2": dict(precision="fma", block=32, num_warps=8, key_chunks=2),
 }
 
 

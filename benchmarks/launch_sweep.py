@@ -39,13 +39,13 @@ DTYPES = (torch.float16, torch.bfloat16)
 # (cache dtype, name): launch options, splits per (row, KV head) to try
 KERNELS = {
     (torch.float16, "fp16_b64_s3_w4"): (dict(precision="fp16", block=64), (33,)),
-    (torch.float16, "fp16_b128_deq16_split_s2_w4"): (
-        dict(precision="fp16", block=128, deq16=True, split_v=True, num_stages=2),
+    (torch.float16, "fp16_b128_deq16_k2_s2_w4"): (
+        dict(precision="fp16", block=128, deq16=True, key_chunks=2, num_stages=2),
         (16, 24, 33, 48, 66, 96),
     ),
     (torch.bfloat16, "ieee_b64_s3_w4"): (dict(precision="ieee", block=64), (33, 66)),
-    (torch.bfloat16, "ieee_b128_split_s2_w4"): (
-        dict(precision="ieee", block=128, split_v=True, num_stages=2),
+    (torch.bfloat16, "ieee_b128_k2_s2_w4"): (
+        dict(precision="ieee", block=128, key_chunks=2, num_stages=2),
         (33, 66),
     ),
     (torch.bfloat16, "fma_b16_s2_w4"): (dict(precision="fma", block=16, num_stages=2), (33, 66)),
@@ -58,7 +58,7 @@ EPILOGUE_STEPS = (4, 8)
 STEPS = {
     torch.float16: {
         "fp16_b64_s3_w4": dict(precision="fp16", block=64),
-        "fp16_b128_deq16_split_s2_w4": dict(precision="fp16", block=128, deq16=True, split_v=True, num_stages=2),
+        "fp16_b128_deq16_k2_s2_w4": dict(precision="fp16", block=128, deq16=True, key_chunks=2, num_stages=2),
     },
     torch.bfloat16: {
         "ieee_b64_s3_w4": dict(precision="ieee", block=64),

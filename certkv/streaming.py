@@ -314,14 +314,17 @@ def stage0_certificate(bounds: dict[str, torch.Tensor]) -> Certificate:
 def serving_launch(dtype: torch.dtype) -> dict[str, object]:
     """The decode-kernel launch certkv serves a cache of ``dtype`` with (``decode_partials`` options;
     measured on the H100: docs/benchmarks.md). FP16 caches: FP16 tensor-core products, 128-token
-    blocks, even and odd value channels accumulated apart, two pipeline stages, the codes through TMA
-    where it pays (``tma="auto"``: the kernel 17-18% faster at 128K; dequantizing in FP16 arithmetic,
+    blocks, the logits over two chunks of channels with registers capped at 168 (three programs per
+    SM instead of two) and splits for 396 programs, two pipeline stages, the codes through TMA where it
+    pays (``tma="auto"``: the kernel 17-18% faster at 128K; dequantizing in FP16 arithmetic,
     ``deq16``, made the step 2-6% faster and the median bound 12-14% looser). Anything else: binary32
     products on the CUDA cores, 16-token blocks, codes by pointer (TMA made those small tiles 3-8%
     slower; BF16 operands would lose range in FP16, and "fp16" is certified for FP16 caches only:
     ``arithmetic``; binary32 products on tensor cores, "ieee", ran 2.2-2.9x slower)."""
     if dtype == torch.float16:
-        return dict(precision="fp16", block=128, split_v=True, num_stages=2, num_warps=4, tma="auto")
+        return dict(
+            precision="fp16", block=128, key_chunks=2, maxnreg=168, programs=396, num_stages=2, num_warps=4, tma="auto"
+        )
     return dict(precision="fma", block=16, num_stages=2, num_warps=4)
 
 

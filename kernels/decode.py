@@ -109,51 +109,150 @@ def _to_float(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _code_rows(src, first, n0, rows, W: tl.constexpr, TMA: tl.constexpr):
-    """Codes [BLOCK_N, W] (uint8) of tokens n0 + rows. TMA: ``src`` is a tensor descriptor over every
-    (row, head)'s codes as one [B * H * n, W] matrix and ``first`` = this (row, head)'s first row (the
-    tile arrives in shared memory by the copy engine, with no per-thread addresses); otherwise ``src``
-    points at this (row, head)'s codes (coalesced rows)."""
+def _code_rows(src, first, n0, rows, c0, W: tl.constexpr, WC: tl.constexpr, TMA: tl.constexpr):
+    """Codes [BLOCK_N, WC] (uint8) of tokens n0 + rows, bytes c0 ... c0 + WC of their W. TMA: ``src`` is a
+    tensor descriptor over every (row, head)'s codes as one [B * H * n, W] matrix with [BLOCK_N, WC]
+    tiles and ``first`` = this (row, head)'s first row (the tile arrives in shared memory by the copy
+    engine, with no per-thread addresses); otherwise ``src`` points at this (row, head)'s codes."""
     if TMA:
-        return src.load([first + n0, 0])
+        return src.load([first + n0, c0])
     else:
-        return tl.load(src + (n0 + rows)[:, None] * W + tl.arange(0, W)[None, :])
+        return tl.load(src + (n0 + rows)[:, None] * W + c0 + tl.arange(0, WC)[None, :])
 
 
 @triton.jit
-def _dequant_keys(codes, ks_ptr, kz_ptr, n0, d, D: tl.constexpr, DT: tl.constexpr):
-    """Keys [BLOCK_N, D] in DT (binary32, or FP16 arithmetic for FP16 operands) from their codes at
-    tokens n0 + ...; a block never straddles a key group, so the group scales broadcast in registers."""
-    g = n0 // 128
-    c = _to_float(codes, DT)
-    return c * tl.load(ks_ptr + g * D + d).to(DT)[None, :] + tl.load(kz_ptr + g * D + d).to(DT)[None, :]
+def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr,
+               DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """Keys [BLOCK_N, D / KCH] (channels of chunk ``c``) of tokens n0 + rows. QUANTIZED: dequantized in
+    DT from their codes (``_code_rows``; a block never straddles a key group, so the group's scales
+    broadcast; c·s is exact in binary32 (8 x 11 bits), so the FMA rounds as c·s + z does); otherwise
+    the exact 16-bit keys at ``src`` ([count, D], rows masked by ``ok``) in binary32."""
+    W: tl.constexpr = D // KCH
+    dc = c * W + tl.arange(0, W)
+    if QUANTIZED:
+        codes = _to_float(_code_rows(src, first, n0, rows, c * W, D, W, TMA), DT)
+        g = n0 // 128
+        return tl.fma(codes, tl.load(ks_ptr + g * D + dc).to(DT)[None, :], tl.load(kz_ptr + g * D + dc).to(DT)[None, :])
+    else:
+        return tl.load(src + (n0 + rows)[:, None] * D + dc[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _value_half(src, vs_ptr, vz_ptr, first, n0, rows, ok, h: tl.constexpr, D: tl.constexpr, DT: tl.constexpr,
+                QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """Values of channel half ``h`` (channels h·D/2 ...) of tokens n0 + rows as its even and odd channels,
+    two [BLOCK_N, D / 4]. QUANTIZED: from the packed codes (even channel in the low nibble), so the
+    halves need no interleave in registers; a half's channels lie in D / 128 scale groups (D = 64: both
+    halves in the one group). Otherwise the exact 16-bit values at ``src`` in binary32."""
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    if QUANTIZED:
+        GH: tl.constexpr = max(D // 128, 1)  # scale groups per half
+        byte = _code_rows(src, first, n0, rows, h * (D // 4), D // 2, D // 4, TMA)
+        at = (n0 + rows)[:, None] * (D // 64) + (h * (D // 128) + tl.arange(0, GH))[None, :]
+        v_s, v_z = tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
+        even = _dequant_nibbles(_to_float(byte & 15, DT), v_s, v_z, BLOCK_N, D // 4, GH)
+        odd = _dequant_nibbles(_to_float(byte >> 4, DT), v_s, v_z, BLOCK_N, D // 4, GH)
+        return even, odd
+    else:
+        at = src + (n0 + rows)[:, None] * D + h * (D // 2) + tl.arange(0, D // 2)[None, :]
+        v = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
+        return tl.split(tl.reshape(v, (BLOCK_N, D // 4, 2)))
+
+
+@triton.jit
+def _value_tile(src, vs_ptr, vz_ptr, first, n0, rows, ok, D: tl.constexpr, DT: tl.constexpr,
+                QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """Values [BLOCK_N, D] of tokens n0 + rows in channel order (the nibbles interleaved in registers:
+    the layout the CUDA-core products want); otherwise as ``_value_half``."""
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    if QUANTIZED:
+        byte = _code_rows(src, first, n0, rows, 0, D // 2, D // 2, TMA)
+        at = (n0 + rows)[:, None] * (D // 64) + tl.arange(0, D // 64)[None, :]
+        v_s, v_z = tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
+        # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] is channel order
+        code = _to_float(tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)), DT)
+        return _dequant_nibbles(code, v_s, v_z, BLOCK_N, D, D // 64)
+    else:
+        at = src + (n0 + rows)[:, None] * D + tl.arange(0, D)[None, :]
+        return tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _dequant_nibbles(code, vs, vz, BLOCK_N: tl.constexpr, C: tl.constexpr, GROUPS: tl.constexpr):
     """code [BLOCK_N, C] with ``GROUPS`` equal scale groups along C; vs, vz [BLOCK_N, GROUPS]."""
-    x = tl.reshape(code, (BLOCK_N, GROUPS, C // GROUPS)) * vs[:, :, None] + vz[:, :, None]
+    x = tl.fma(tl.reshape(code, (BLOCK_N, GROUPS, C // GROUPS)), vs[:, :, None], vz[:, :, None])
     return tl.reshape(x, (BLOCK_N, C))
 
 
 @triton.jit
-def _value_scales(vs_ptr, vz_ptr, n0, rows, D: tl.constexpr, DT: tl.constexpr):
-    """Scales and zero points [BLOCK_N, D/64] in DT of the values of tokens n0 + rows."""
-    at = (n0 + rows)[:, None] * (D // 64) + tl.arange(0, D // 64)[None, :]
-    return tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
+def _mma(a, b, PRECISION: tl.constexpr, acc=None):
+    """acc + a @ b with binary32 accumulation (acc None: 0); operands binary32 ("ieee"), TF32 ("tf32") or
+    rounded to FP16 ("fp16") on tensor cores, or binary32 products summed on the CUDA cores ("fma":
+    broadcast and reduce in registers, no shared-memory round trip and no padding of the GQA rows to 16).
+    On tensor cores a chained accumulator continues the same sequence of MMAs as one longer product."""
+    if PRECISION == "fma":
+        out = tl.sum(a[:, :, None].to(tl.float32) * b[None, :, :].to(tl.float32), axis=1)
+        return out if acc is None else acc + out
+    elif PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _mma(a, b, PRECISION: tl.constexpr):
-    """a @ b with binary32 accumulation; operands binary32 ("ieee"), TF32 ("tf32") or rounded to FP16 ("fp16")
-    on tensor cores, or binary32 products summed on the CUDA cores ("fma": broadcast and reduce in
-    registers, no shared-memory round trip and no padding of the GQA rows to 16)."""
-    if PRECISION == "fma":
-        return tl.sum(a[:, :, None].to(tl.float32) * b[None, :, :].to(tl.float32), axis=1)
-    elif PRECISION == "fp16":
-        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+def _q_chunk(q_ptr, bh, gi, c: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr):
+    """Query rows [GP, D / KCH] (channels of chunk ``c``), binary32; padding rows 0."""
+    dc = c * (D // KCH) + tl.arange(0, D // KCH)
+    return tl.load(q_ptr + bh * G * D + gi[:, None] * D + dc[None, :], mask=gi[:, None] < G, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz, first, n0, rows, ok, skip,
+           bmass_ptr, bframe_ptr, at, qk_scale,
+           D: tl.constexpr, KCH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+           QUANTIZED: tl.constexpr, MASKED: tl.constexpr, CERT: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """One block of tokens into the online softmax: logits over KCH chunks of channels on one chained
+    accumulator (only a [BLOCK_N, D / KCH] key tile live at a time), the running maximum, sum and the
+    value accumulators: on tensor cores four (even and odd channels of each half: ``_value_half``), on
+    the CUDA cores ("fma") one in channel order (``_value_tile``; four ran 1.8x slower there). MASKED: tokens where
+    ``skip`` is set (promoted, padding, free slots) get no weight. CERT: the block's weight sum and frame
+    go to ``at`` and the rescale is counted (docs/theory.md section 8)."""
+    t = _mma(q0, tl.trans(_key_chunk(k_src, ks, kz, first, n0, rows, ok, 0, D, KCH, DT, QUANTIZED, TMA)), PRECISION)
+    if KCH == 2:
+        k1 = _key_chunk(k_src, ks, kz, first, n0, rows, ok, 1, D, KCH, DT, QUANTIZED, TMA)
+        t = _mma(q1, tl.trans(k1), PRECISION, t)
+    t = t * qk_scale
+    if MASKED:
+        t = tl.where(skip[None, :], -float("inf"), t)
+        m_new = tl.maximum(m, tl.max(t, 1))
+        # a row that has seen no token yet keeps m = -inf: exp2(-inf - -inf) would be NaN
+        m_frame = tl.where(m_new == -float("inf"), 0.0, m_new)
     else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        m_new = tl.maximum(m, tl.max(t, 1))
+        m_frame = m_new
+    # alpha is exactly 1 unless the maximum moved: the certificate counts the rescales
+    alpha = tl.where(m_new > m, tl.exp2(m - m_frame), 1.0)
+    p = tl.exp2(t - m_frame[:, None])
+    block_sum = tl.sum(p, 1)
+    l_sum = l_sum * alpha + block_sum
+    # each block's products summed from zero, then added to the rescaled sums: the rounding model's
+    # count (docs/theory.md section 8: per later block one multiply and one add)
+    if PRECISION == "fma":  # one accumulator [GP, D] in channel order (a1-a3 unused)
+        a0 = a0 * alpha[:, None] + _mma(
+            p, _value_tile(v_src, vs, vz, first, n0, rows, ok, D, DT, QUANTIZED, TMA), PRECISION
+        )
+    else:
+        even, odd = _value_half(v_src, vs, vz, first, n0, rows, ok, 0, D, DT, QUANTIZED, TMA)
+        a0 = a0 * alpha[:, None] + _mma(p, even, PRECISION)
+        a1 = a1 * alpha[:, None] + _mma(p, odd, PRECISION)
+        even, odd = _value_half(v_src, vs, vz, first, n0, rows, ok, 1, D, DT, QUANTIZED, TMA)
+        a2 = a2 * alpha[:, None] + _mma(p, even, PRECISION)
+        a3 = a3 * alpha[:, None] + _mma(p, odd, PRECISION)
+    if CERT:
+        tl.store(bmass_ptr + at, block_sum)
+        tl.store(bframe_ptr + at, m_frame)
+        resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
+    return m_new, l_sum, a0, a1, a2, a3, resc
 
 
 # The exact-token counts, the block count and the split count change with the context and the batch:
@@ -167,24 +266,29 @@ def _decode_kernel(
     bmass_ptr, bframe_ptr, resc_ptr,
     n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks, n_splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DEQ16: tl.constexpr, SPLIT_V: tl.constexpr, CERT: tl.constexpr,
+    PRECISION: tl.constexpr, DEQ16: tl.constexpr, KCH: tl.constexpr, CERT: tl.constexpr,
     PROMOTED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
     gi = tl.arange(0, GP)
-    d = tl.arange(0, D)
     rows = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + bh * G * D + gi[:, None] * D + d[None, :], mask=gi[:, None] < G, other=0.0).to(tl.float32)
+    # the query's channel chunks, loaded once (KCH = 1: q1 unused)
+    q0 = _q_chunk(q_ptr, bh, gi, 0, G, D, KCH)
+    q1 = _q_chunk(q_ptr, bh, gi, KCH - 1, G, D, KCH)
     m = tl.full((GP,), -float("inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
-    acc_lo = tl.zeros((GP, D // 2), tl.float32)  # SPLIT_V: even and odd channels
-    acc_hi = tl.zeros((GP, D // 2), tl.float32)
+    # value accumulators: even and odd channels of the first half, then of the second ("fma": a0 is all
+    # D channels in order)
+    a0 = tl.zeros((GP, D if PRECISION == "fma" else D // 4), tl.float32)
+    a1 = tl.zeros((GP, D // 4), tl.float32)
+    a2 = tl.zeros((GP, D // 4), tl.float32)
+    a3 = tl.zeros((GP, D // 4), tl.float32)
     # CERT (docs/theory.md section 8): each block's weight sum and frame are stored; the running sums'
     # rescales are counted
     resc = tl.zeros((GP,), tl.int32)
     DT: tl.constexpr = tl.float16 if DEQ16 else tl.float32
+    every = rows >= 0
     if split < n_splits:
         if TMA:  # descriptors over all (row, head)s: this one's tokens start at row bh * n_quant
             kc = kc_ptr
@@ -199,41 +303,13 @@ def _decode_kernel(
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_quant)
         for n0 in range(lo, hi, BLOCK_N):
-            k = _dequant_keys(_code_rows(kc, bh * n_quant, n0, rows, D, TMA), ks, kz, n0, d, D, DT)
-            t = _mma(q, tl.trans(k), PRECISION) * qk_scale
-            if PROMOTED:  # promoted tokens are served from their exact copies in the last split
-                skip = tl.load(pmask_ptr + bh * n_quant + n0 + rows) != 0
-                t = tl.where(skip[None, :], -float("inf"), t)
-                m_new = tl.maximum(m, tl.max(t, 1))
-                m_frame = tl.where(m_new == -float("inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m, tl.max(t, 1))
-                m_frame = m_new
-            # alpha is exactly 1 unless the maximum moved: the certificate counts the rescales
-            alpha = tl.where(m_new > m, tl.exp2(m - m_frame), 1.0)
-            p = tl.exp2(t - m_frame[:, None])
-            block_sum = tl.sum(p, 1)
-            l_sum = l_sum * alpha + block_sum
-            byte = _code_rows(vc, bh * n_quant, n0, rows, D // 2, TMA)
-            v_s, v_z = _value_scales(vs, vz, n0, rows, D, DT)
-            if SPLIT_V:
-                # channel 2i (low nibble) and 2i + 1 (high) both lie in scale group i // 32: two
-                # accumulators, no interleave in registers
-                v_lo = _dequant_nibbles(_to_float(byte & 15, DT), v_s, v_z, BLOCK_N, D // 2, D // 64)
-                v_hi = _dequant_nibbles(_to_float(byte >> 4, DT), v_s, v_z, BLOCK_N, D // 2, D // 64)
-                acc_lo = acc_lo * alpha[:, None] + _mma(p, v_lo, PRECISION)
-                acc_hi = acc_hi * alpha[:, None] + _mma(p, v_hi, PRECISION)
-            else:
-                # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] is channel order
-                code = _to_float(tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)), DT)
-                v = _dequant_nibbles(code, v_s, v_z, BLOCK_N, D, D // 64)
-                acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
-            if CERT:
-                at = (bh * n_blocks + n0 // BLOCK_N) * GP + gi
-                tl.store(bmass_ptr + at, block_sum)
-                tl.store(bframe_ptr + at, m_frame)
-                resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
-            m = m_new
+            # promoted tokens are served from their exact copies in the last split
+            skip = tl.load(pmask_ptr + bh * n_quant + n0 + rows) != 0 if PROMOTED else rows < 0
+            at = (bh * n_blocks + n0 // BLOCK_N) * GP + gi
+            m, l_sum, a0, a1, a2, a3, resc = _block(
+                q0, q1, m, l_sum, a0, a1, a2, a3, resc, kc, ks, kz, vc, vs, vz, bh * n_quant, n0, rows, every,
+                skip, bmass_ptr, bframe_ptr, at, qk_scale, D, KCH, DT, PRECISION, True, PROMOTED, CERT, TMA,
+            )  # fmt: skip
     else:
         first = n_quant // BLOCK_N
         for seg in tl.static_range(3 if PROMOTED else 2):
@@ -250,28 +326,14 @@ def _decode_kernel(
                 vp = pv_ptr + bh * n_prom * D
                 count = n_prom
             for n0 in range(0, count, BLOCK_N):
-                tok = n0 + rows
-                ok = tok < count
+                ok = n0 + rows < count
                 if seg == 2:  # free promotion slots hold no token
-                    ok = ok & (tl.load(pidx_ptr + bh * n_prom + tok, mask=ok, other=-1) >= 0)
-                k = tl.load(kp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-                v = tl.load(vp + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-                t = _mma(q, tl.trans(k), PRECISION) * qk_scale
-                t = tl.where(ok[None, :], t, -float("inf"))
-                m_new = tl.maximum(m, tl.max(t, 1))
-                # a row that has seen no token yet keeps m = -inf: exp2(-inf - -inf) would be NaN
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.where(m_new > m, tl.exp2(m - m_safe), 1.0)
-                p = tl.exp2(t - m_safe[:, None])
-                block_sum = tl.sum(p, 1)
-                l_sum = l_sum * alpha + block_sum
-                acc = acc * alpha[:, None] + _mma(p, v, PRECISION)
-                if CERT:
-                    at = (bh * n_blocks + first + n0 // BLOCK_N) * GP + gi
-                    tl.store(bmass_ptr + at, block_sum)
-                    tl.store(bframe_ptr + at, m_safe)
-                    resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
-                m = m_new
+                    ok = ok & (tl.load(pidx_ptr + bh * n_prom + n0 + rows, mask=ok, other=-1) >= 0)
+                at = (bh * n_blocks + first + n0 // BLOCK_N) * GP + gi
+                m, l_sum, a0, a1, a2, a3, resc = _block(
+                    q0, q1, m, l_sum, a0, a1, a2, a3, resc, kp, ks_ptr, kz_ptr, vp, vs_ptr, vz_ptr, 0, n0, rows,
+                    ok, ~ok, bmass_ptr, bframe_ptr, at, qk_scale, D, KCH, DT, PRECISION, False, True, CERT, False,
+                )  # fmt: skip
             if seg == 0:
                 first += (n_sink + BLOCK_N - 1) // BLOCK_N
             elif seg == 1:
@@ -279,13 +341,15 @@ def _decode_kernel(
     out = bh * (n_splits + 1) + split
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
-    base = acc_ptr + out * GP * D + gi[:, None] * D
-    if SPLIT_V and split < n_splits:
-        half = tl.arange(0, D // 2)
-        tl.store(base + 2 * half[None, :], acc_lo)
-        tl.store(base + 2 * half[None, :] + 1, acc_hi)
+    row = acc_ptr + out * GP * D + gi[:, None] * D
+    if PRECISION == "fma":
+        tl.store(row + tl.arange(0, D)[None, :], a0)
     else:
-        tl.store(base + d[None, :], acc)
+        even = 2 * tl.arange(0, D // 4)[None, :]
+        tl.store(row + even, a0)
+        tl.store(row + even + 1, a1)
+        tl.store(row + D // 2 + even, a2)
+        tl.store(row + D // 2 + even + 1, a3)
     if CERT:
         tl.store(resc_ptr + out * GP + gi, resc)
 
@@ -333,12 +397,16 @@ TMA_EAGER_BYTES = 1 << 28
 TMA_MODES = ("off", "auto", "on")
 
 
-def code_descriptors(t1: Tier1, block: int, mode: str = "on") -> tuple[TensorDescriptor, TensorDescriptor] | None:
-    """Tensor descriptors over the key and value codes as [B * H * n, W] matrices with [block, W] tiles,
-    so that the kernel's code tiles arrive in shared memory by the copy engine (TMA, Hopper and later),
-    or None: ``mode`` "off", or "auto" outside a CUDA graph below ``TMA_EAGER_BYTES``, or where the copy
-    engine cannot take them (no quantized tokens, a GPU without TMA, codes not contiguous or not
-    16-byte aligned). On the CPU (Triton's interpreter) descriptors are emulated, so tests run this path."""
+def code_descriptors(
+    t1: Tier1, block: int, mode: str = "on", key_chunks: int = 1, value_halves: bool = True
+) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """Tensor descriptors over the key and value codes as [B * H * n, W] matrices with the kernel's tiles
+    ([block, D / key_chunks] keys; value bytes [block, D / 4], one channel half, or with ``value_halves``
+    False, the "fma" launches, [block, D / 2]), so that they arrive in
+    shared memory by the copy engine (TMA, Hopper and later), or None: ``mode`` "off", or "auto" outside
+    a CUDA graph below ``TMA_EAGER_BYTES``, or where the copy engine cannot take them (no quantized
+    tokens, a GPU without TMA, codes not contiguous or not 16-byte aligned). On the CPU (Triton's
+    interpreter) descriptors are emulated, so tests run this path."""
     if mode not in TMA_MODES:
         raise ValueError(f"tma mode {mode!r}: one of {TMA_MODES}")
     kc, vc = t1.kc, t1.vc
@@ -352,8 +420,8 @@ def code_descriptors(t1: Tier1, block: int, mode: str = "on") -> tuple[TensorDes
     if kc.data_ptr() % 16 or vc.data_ptr() % 16:
         return None
     return (
-        TensorDescriptor.from_tensor(kc.reshape(-1, kc.shape[-1]), [block, kc.shape[-1]]),
-        TensorDescriptor.from_tensor(vc.reshape(-1, vc.shape[-1]), [block, vc.shape[-1]]),
+        TensorDescriptor.from_tensor(kc.reshape(-1, kc.shape[-1]), [block, kc.shape[-1] // key_chunks]),
+        TensorDescriptor.from_tensor(vc.reshape(-1, vc.shape[-1]), [block, vc.shape[-1] // (2 if value_halves else 1)]),
     )
 
 
@@ -367,27 +435,33 @@ def decode_partials(
     num_warps: int = 4,
     num_stages: int = 3,
     deq16: bool = False,
-    split_v: bool = False,
+    key_chunks: int = 1,
     cert: bool = False,
     tma: str = "off",
+    maxnreg: int | None = None,
+    programs: int = 264,
 ) -> Partials:
     """Launch the kernel: q [B, H, G, D] (16-bit); ``cert`` adds the certificate's statistics.
 
     ``precision``: "ieee" (binary32 products), "fma" (the same arithmetic on CUDA cores, GQA rows
     unpadded), "tf32" or "fp16" (tensor cores; operands rounded to 10-bit mantissas; "fp16" overflows
     beyond 65504, so it suits FP16 models only). ``certkv.streaming`` certifies "ieee", "fma" and
-    "fp16", not "tf32". ``deq16``: dequantize in FP16 arithmetic (FP16 operands only); ``split_v``:
-    accumulate even and odd value channels separately instead of interleaving the nibbles in registers.
+    "fp16", not "tf32". ``deq16``: dequantize in FP16 arithmetic (FP16 operands only); ``key_chunks``
+    (1 or 2): the logits of a block over that many chunks of channels, chained on one accumulator, so
+    that only a [block, D / key_chunks] key tile is live (the same MMAs, fewer registers).
     ``tma``: "on" loads the key and value codes through the tensor memory accelerator where the device
     has one, "auto" where it also pays (``code_descriptors``), "off" never; the same bytes, so the same
-    results bit for bit."""
+    results bit for bit. ``maxnreg``: a cap on registers per thread (more programs per SM);
+    ``programs``: how many programs the split count aims for (``splits_for``) when ``splits`` is None."""
     if deq16 and precision != "fp16":
         raise ValueError("deq16 needs precision='fp16'")
+    if key_chunks not in (1, 2):
+        raise ValueError(f"key_chunks {key_chunks}: 1 or 2")
     b, h, g, d = q.shape
     n_quant = t1.kc.shape[2]
-    if n_quant % KEY_GROUP or d % VALUE_GROUP or block > KEY_GROUP or KEY_GROUP % block:
-        raise ValueError("layout: n_quant must be a multiple of 128, D of 64, and the block divide 128")
-    s = splits_for(b * h, n_quant, block) if splits is None else splits
+    if n_quant % KEY_GROUP or d < VALUE_GROUP or d & (d - 1) or block > KEY_GROUP or KEY_GROUP % block:
+        raise ValueError("layout: n_quant must be a multiple of 128, D a power of two >= 64, and the block divide 128")
+    s = splits_for(b * h, n_quant, block, target_programs=programs) if splits is None else splits
     chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
     s = math.ceil(n_quant / chunk) if chunk else 0
     gp = triton.next_power_of_2(g) if precision == "fma" else max(16, triton.next_power_of_2(g))  # tl.dot: >= 16
@@ -404,16 +478,16 @@ def decode_partials(
         out.resc = torch.empty(b * h, s + 1, gp, dtype=torch.int32, device=dev)
     stats = [out.bmass, out.bframe, out.resc]
     prom = [t1.prom_k, t1.prom_v, t1.prom_idx, t1.prom_mask]
-    descriptors = code_descriptors(t1, block, tma)
+    descriptors = code_descriptors(t1, block, tma, key_chunks, precision != "fma")
     kc, vc = descriptors or (t1.kc, t1.vc)
     _decode_kernel[(b * h, s + 1)](
         q.contiguous(), kc, t1.ks, t1.kz, vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
         *(t1.kc if x is None else x for x in prom),
         m, l_sum, acc, *(m if x is None else x for x in stats),
         n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb, s,
-        G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, SPLIT_V=split_v,
+        G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, KCH=key_chunks,
         CERT=cert, PROMOTED=n_prom > 0, TMA=descriptors is not None, num_warps=num_warps, num_stages=num_stages,
-        **EXACT_OPS,
+        **EXACT_OPS, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip
     return out
 

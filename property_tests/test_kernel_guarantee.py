@@ -21,10 +21,10 @@ from tests.helpers import kernel_result
 
 LAUNCHES = {
     "ieee": {"block": 64},
-    "ieee-split": {"block": 32, "split_v": True},
+    "ieee-chunks": {"block": 32, "key_chunks": 2},
     "fma": {"block": 16},
     "fp16": {"block": 64},
-    "fp16-deq16": {"block": 32, "deq16": True, "split_v": True},
+    "fp16-deq16": {"block": 32, "deq16": True, "key_chunks": 2},
 }
 
 

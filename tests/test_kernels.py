@@ -61,12 +61,12 @@ def test_kernel_output_agrees_with_certkvs_stage0_path():
 
 @pytest.mark.parametrize(
     "precision, tol, options",
-    [("tf32", 4e-3, {}), ("fp16", 4e-3, {}), ("fp16", 4e-3, {"deq16": True}), ("fp16", 4e-3, {"split_v": True}),
-     ("ieee", 2e-6, {"split_v": True}), ("fma", 2e-6, {}), ("fma", 2e-6, {"split_v": True})],
+    [("tf32", 4e-3, {}), ("fp16", 4e-3, {}), ("fp16", 4e-3, {"deq16": True}), ("fp16", 4e-3, {"key_chunks": 2}),
+     ("ieee", 2e-6, {"key_chunks": 2}), ("fma", 2e-6, {}), ("fma", 2e-6, {"key_chunks": 2})],
 )  # fmt: skip
 def test_tensor_core_variants_stay_close(precision, tol, options):
-    # operands rounded to 10-bit mantissas (on the CPU interpreter: exact binary32 for tf32); split_v
-    # only reorders the value channels' accumulation
+    # operands rounded to 10-bit mantissas (on the CPU interpreter: exact binary32 for tf32); key_chunks
+    # only splits each logit's sum over channels in two
     cache = filled_cache(1, 2, 520, torch.float16, seed=9)
     q = make_q(b=1, hq=4, d=128, dtype=torch.float16, seed=2, scale=2.0).to(DEVICE).reshape(1, 2, 2, 128)
     t1 = from_cache(cache, 0)
@@ -78,7 +78,7 @@ def test_tensor_core_variants_stay_close(precision, tol, options):
 
 @pytest.mark.parametrize(
     "dtype, launch",
-    [(torch.float16, dict(precision="fp16", block=128, split_v=True, num_stages=2)),
+    [(torch.float16, dict(precision="fp16", block=128, key_chunks=2, num_stages=2)),
      (torch.bfloat16, dict(precision="fma", block=16, num_stages=2)),
      (torch.bfloat16, dict(precision="ieee", block=64))],
 )  # fmt: skip
@@ -87,7 +87,7 @@ def test_codes_through_tma_descriptors_give_the_same_partials_bit_for_bit(dtype,
     cache = filled_cache(2, 2, 430, dtype, seed=11)
     t1 = from_cache(cache, 0)
     tma_device = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
-    assert (code_descriptors(t1, launch["block"]) is not None) == tma_device
+    assert (code_descriptors(t1, launch["block"], key_chunks=2) is not None) == tma_device
     # "auto" leaves eager launches this small to pointers (descriptors cost host time); bad modes are refused
     assert code_descriptors(t1, launch["block"], "auto") is None
     with pytest.raises(ValueError, match="tma mode"):

@@ -31,9 +31,9 @@ def cache_of(b, hkv, n, dtype, seed=0, outlier=6.0, **cfg):
 CASES = [
     # dtype, precision, launch options, (b, hkv, g, n), splits, query scale
     (torch.float16, "ieee", {}, (1, 2, 2, 700), 3, 2.0),
-    (torch.bfloat16, "ieee", {"split_v": True}, (2, 1, 4, 390), None, 2.0),
+    (torch.bfloat16, "ieee", {"key_chunks": 2}, (2, 1, 4, 390), None, 2.0),
     (torch.float16, "fp16", {"block": 32}, (1, 1, 4, 520), None, 2.0),
-    (torch.float16, "fp16", {"block": 32, "deq16": True, "split_v": True}, (1, 2, 1, 650), 2, 2.0),
+    (torch.float16, "fp16", {"block": 32, "deq16": True, "key_chunks": 2}, (1, 2, 1, 650), 2, 2.0),
     (torch.float16, "fma", {"block": 16}, (1, 1, 2, 300), None, 2.0),
     (torch.bfloat16, "ieee", {}, (1, 1, 4, 900), 4, 40.0),  # peaky: most blocks are dust
     (torch.float16, "fp16", {"block": 64, "tma": "on"}, (1, 2, 2, 460), None, 0.05),  # flat; codes by TMA

@@ -3,11 +3,7 @@ CERTKV_HYPOTHESIS_PROFILE=nightly; CERTKV_HYPOTHESIS_EXAMPLES overrides the exam
 
 import os
 
-import torch
 from hypothesis import HealthCheck, settings
-
-if not torch.cuda.is_available():  # Triton kernels run in its interpreter: set before triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _common = dict(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=False

@@ -1,8 +1,8 @@
 """The decode kernel's streamed certificate against the exact reference on drawn caches: every
 certified precision, GQA group, split count and the hard logit cases of the core suite, with and
 without promoted tokens, through either epilogue (the torch reference or the fused kernel). The
-kernel runs in Triton's interpreter on the CPU; a quarter of the profile's examples (it is the
-slowest suite)."""
+kernel runs on the GPU where there is one, else in Triton's interpreter on the CPU; a quarter of the
+profile's examples (it is the slowest suite)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import certkv
 from certkv.reference.verify import verify_step
 from property_tests.strategies import MODES, Scenario
 from tests.helpers import kernel_result
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 LAUNCHES = {
     "ieee": {"block": 64},
@@ -62,14 +64,14 @@ def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None, str]:
 def test_streamed_certificate_dominates_the_exact_error(case: tuple[Scenario, str, int | None, str]) -> None:
     sc, launch, splits, epilogue = case
     q, k, v = sc.tensors()
-    cache = certkv.TieredKVCache(1, sc.kv_heads, 128, config=sc.config)
-    cache.append(0, k, v)
+    cache = certkv.TieredKVCache(1, sc.kv_heads, 128, config=sc.config, device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
     layer = cache._layers[0]
     if layer.qk is None:
         return  # fewer tokens than one key group beyond the window: nothing for the kernel
     for shift in (1, 2):
-        cache.attend(0, torch.roll(q, shift, dims=-1))
-    result = kernel_result(cache, q, launch.split("-")[0], splits, epilogue, **LAUNCHES[launch])
+        cache.attend(0, torch.roll(q, shift, dims=-1).to(DEVICE))
+    result = kernel_result(cache, q.to(DEVICE), launch.split("-")[0], splits, epilogue, **LAUNCHES[launch])
     checks = verify_step(q, *cache.originals(0), *cache.dequantized_exact(0), result)
     bad = [c for c in checks if c.violations]
     assert not bad, f"violated {bad[0].violations}: claimed {bad[0].claimed} exact {bad[0].exact}"

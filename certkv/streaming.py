@@ -311,21 +311,26 @@ def stage0_certificate(bounds: dict[str, torch.Tensor]) -> Certificate:
     )
 
 
-def serving_launch(dtype: torch.dtype) -> dict[str, object]:
+def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]:
     """The decode-kernel launch certkv serves a cache of ``dtype`` with (``decode_partials`` options;
-    measured on the H100: docs/benchmarks.md). FP16 caches: FP16 tensor-core products, 128-token
-    blocks, the logits over two chunks of channels with registers capped at 168 (three programs per
-    SM instead of two) and splits for 396 programs, two pipeline stages, the codes through TMA where it
-    pays (``tma="auto"``: the kernel 17-18% faster at 128K; dequantizing in FP16 arithmetic,
-    ``deq16``, made the step 2-6% faster and the median bound 12-14% looser). Anything else: binary32
-    products on the CUDA cores, 16-token blocks, codes by pointer (TMA made those small tiles 3-8%
-    slower; BF16 operands would lose range in FP16, and "fp16" is certified for FP16 caches only:
-    ``arithmetic``; binary32 products on tensor cores, "ieee", ran 2.2-2.9x slower)."""
-    if dtype == torch.float16:
-        return dict(
-            precision="fp16", block=128, key_chunks=2, maxnreg=168, programs=396, num_stages=2, num_warps=4, tma="auto"
-        )
-    return dict(precision="fma", block=16, num_stages=2, num_warps=4)
+    measured on the H100 at ``head_dim`` 128: docs/benchmarks.md). FP16 caches: FP16 tensor-core
+    products, 128-token blocks, the logits over two chunks of channels with registers capped at 168
+    (three programs per SM instead of two) and splits for 396 programs, two pipeline stages, the codes
+    through TMA where it pays (``tma="auto"``: the kernel 17-18% faster at 128K; dequantizing in FP16
+    arithmetic, ``deq16``, made the step 2-6% faster and the median bound 12-14% looser). Anything
+    else: binary32 products on the CUDA cores, 16-token blocks, codes by pointer (TMA made those small
+    tiles 3-8% slower; BF16 operands would lose range in FP16, and "fp16" is certified for FP16 caches
+    only: ``arithmetic``; binary32 products on tensor cores, "ieee", ran 2.2-2.9x slower).
+
+    Other head sizes (powers of two from 64) keep the FP16 tiles' bytes: blocks of 128·128 / D tokens
+    above D = 128 (the D = 128 tiles at D = 256 need 143 KB of shared memory, more than many GPUs
+    have, and spill registers), and no register cap or program target (both tuned at D = 128 only)."""
+    if dtype != torch.float16:
+        return dict(precision="fma", block=16, num_stages=2, num_warps=4)
+    launch: dict[str, object] = dict(precision="fp16", block=128, key_chunks=2, num_stages=2, num_warps=4, tma="auto")
+    if head_dim == 128:
+        return launch | dict(maxnreg=168, programs=396)
+    return launch | dict(block=max(16, min(128, 128 * 128 // head_dim)))
 
 
 def kernel_step(
@@ -338,7 +343,7 @@ def kernel_step(
     from certkv.kernels import epilogue
     from certkv.kernels.decode import decode_partials
 
-    launch = serving_launch(q.dtype)
+    launch = serving_launch(q.dtype, q.shape[-1])
     partials = decode_partials(q, t1, scale, cert=True, **launch)  # type: ignore[arg-type]
     precision, deq16 = str(launch["precision"]), bool(launch.get("deq16", False))
     return epilogue.certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype, deq16)  # type: ignore[arg-type]

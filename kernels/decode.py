@@ -138,43 +138,26 @@ def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _value_half(src, vs_ptr, vz_ptr, first, n0, rows, ok, h: tl.constexpr, D: tl.constexpr, DT: tl.constexpr,
-                QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """Values of channel half ``h`` (channels h·D/2 ...) of tokens n0 + rows as its even and odd channels,
-    two [BLOCK_N, D / 4]. QUANTIZED: from the packed codes (even channel in the low nibble), so the
-    halves need no interleave in registers; a half's channels lie in D / 128 scale groups (D = 64: both
-    halves in the one group). Otherwise the exact 16-bit values at ``src`` in binary32."""
+def _value_bytes(src, vs_ptr, vz_ptr, first, n0, rows, ok, b0: tl.constexpr, NB: tl.constexpr, D: tl.constexpr,
+                 DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """Values of channels 2·b0 ... 2·(b0 + NB) of tokens n0 + rows as their even and odd channels, two
+    [BLOCK_N, NB]. QUANTIZED: from the packed code bytes b0 ... b0 + NB (even channel in the low nibble,
+    so the split costs no data movement in registers); the bytes lie in NB / 32 scale groups of 64
+    channels (at least one: with D = 64 a quarter of the bytes is half a group). Otherwise the exact
+    16-bit values at ``src`` ([count, D], rows masked by ``ok``) in binary32."""
     BLOCK_N: tl.constexpr = rows.shape[0]
     if QUANTIZED:
-        GH: tl.constexpr = max(D // 128, 1)  # scale groups per half
-        byte = _code_rows(src, first, n0, rows, h * (D // 4), D // 2, D // 4, TMA)
-        at = (n0 + rows)[:, None] * (D // 64) + (h * (D // 128) + tl.arange(0, GH))[None, :]
+        GN: tl.constexpr = max(NB // 32, 1)
+        byte = _code_rows(src, first, n0, rows, b0, D // 2, NB, TMA)
+        at = (n0 + rows)[:, None] * (D // 64) + (b0 // 32 + tl.arange(0, GN))[None, :]
         v_s, v_z = tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
-        even = _dequant_nibbles(_to_float(byte & 15, DT), v_s, v_z, BLOCK_N, D // 4, GH)
-        odd = _dequant_nibbles(_to_float(byte >> 4, DT), v_s, v_z, BLOCK_N, D // 4, GH)
+        even = _dequant_nibbles(_to_float(byte & 15, DT), v_s, v_z, BLOCK_N, NB, GN)
+        odd = _dequant_nibbles(_to_float(byte >> 4, DT), v_s, v_z, BLOCK_N, NB, GN)
         return even, odd
     else:
-        at = src + (n0 + rows)[:, None] * D + h * (D // 2) + tl.arange(0, D // 2)[None, :]
+        at = src + (n0 + rows)[:, None] * D + 2 * b0 + tl.arange(0, 2 * NB)[None, :]
         v = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
-        return tl.split(tl.reshape(v, (BLOCK_N, D // 4, 2)))
-
-
-@triton.jit
-def _value_tile(src, vs_ptr, vz_ptr, first, n0, rows, ok, D: tl.constexpr, DT: tl.constexpr,
-                QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """Values [BLOCK_N, D] of tokens n0 + rows in channel order (the nibbles interleaved in registers:
-    the layout the CUDA-core products want); otherwise as ``_value_half``."""
-    BLOCK_N: tl.constexpr = rows.shape[0]
-    if QUANTIZED:
-        byte = _code_rows(src, first, n0, rows, 0, D // 2, D // 2, TMA)
-        at = (n0 + rows)[:, None] * (D // 64) + tl.arange(0, D // 64)[None, :]
-        v_s, v_z = tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
-        # even channel in the low nibble: join -> [BLOCK_N, D/2, 2] -> [BLOCK_N, D] is channel order
-        code = _to_float(tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, D)), DT)
-        return _dequant_nibbles(code, v_s, v_z, BLOCK_N, D, D // 64)
-    else:
-        at = src + (n0 + rows)[:, None] * D + tl.arange(0, D)[None, :]
-        return tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
+        return tl.split(tl.reshape(v, (BLOCK_N, NB, 2)))
 
 
 @triton.jit
@@ -209,12 +192,12 @@ def _q_chunk(q_ptr, bh, gi, c: tl.constexpr, G: tl.constexpr, D: tl.constexpr, K
 @triton.jit
 def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz, first, n0, rows, ok, skip,
            bmass_ptr, bframe_ptr, at, qk_scale,
-           D: tl.constexpr, KCH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+           D: tl.constexpr, KCH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, HALVES: tl.constexpr,
            QUANTIZED: tl.constexpr, MASKED: tl.constexpr, CERT: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """One block of tokens into the online softmax: logits over KCH chunks of channels on one chained
     accumulator (only a [BLOCK_N, D / KCH] key tile live at a time), the running maximum, sum and the
-    value accumulators: on tensor cores four (even and odd channels of each half: ``_value_half``), on
-    the CUDA cores ("fma") one in channel order (``_value_tile``; four ran 1.8x slower there). MASKED: tokens where
+    value accumulators: HALVES (the tensor-core launches) four, the even and odd channels of each half of
+    the channels; otherwise ("fma") one in channel order (four ran 1.8x slower there). MASKED: tokens where
     ``skip`` is set (promoted, padding, free slots) get no weight. CERT: the block's weight sum and frame
     go to ``at`` and the rescale is counted (docs/theory.md section 8)."""
     t = _mma(q0, tl.trans(_key_chunk(k_src, ks, kz, first, n0, rows, ok, 0, D, KCH, DT, QUANTIZED, TMA)), PRECISION)
@@ -237,17 +220,17 @@ def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz,
     l_sum = l_sum * alpha + block_sum
     # each block's products summed from zero, then added to the rescaled sums: the rounding model's
     # count (docs/theory.md section 8: per later block one multiply and one add)
-    if PRECISION == "fma":  # one accumulator [GP, D] in channel order (a1-a3 unused)
-        a0 = a0 * alpha[:, None] + _mma(
-            p, _value_tile(v_src, vs, vz, first, n0, rows, ok, D, DT, QUANTIZED, TMA), PRECISION
-        )
-    else:
-        even, odd = _value_half(v_src, vs, vz, first, n0, rows, ok, 0, D, DT, QUANTIZED, TMA)
+    if HALVES:
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 4, D, DT, QUANTIZED, TMA)
         a0 = a0 * alpha[:, None] + _mma(p, even, PRECISION)
         a1 = a1 * alpha[:, None] + _mma(p, odd, PRECISION)
-        even, odd = _value_half(v_src, vs, vz, first, n0, rows, ok, 1, D, DT, QUANTIZED, TMA)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, D // 4, D // 4, D, DT, QUANTIZED, TMA)
         a2 = a2 * alpha[:, None] + _mma(p, even, PRECISION)
         a3 = a3 * alpha[:, None] + _mma(p, odd, PRECISION)
+    else:  # one accumulator [GP, D]; a1-a3 pass through unchanged
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 2, D, DT, QUANTIZED, TMA)
+        values = tl.reshape(tl.join(even, odd), (rows.shape[0], D))  # [BLOCK_N, D/2, 2]: channel order
+        a0 = a0 * alpha[:, None] + _mma(p, values, PRECISION)
     if CERT:
         tl.store(bmass_ptr + at, block_sum)
         tl.store(bframe_ptr + at, m_frame)
@@ -266,7 +249,7 @@ def _decode_kernel(
     bmass_ptr, bframe_ptr, resc_ptr,
     n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks, n_splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DEQ16: tl.constexpr, KCH: tl.constexpr, CERT: tl.constexpr,
+    PRECISION: tl.constexpr, DEQ16: tl.constexpr, KCH: tl.constexpr, HALVES: tl.constexpr, CERT: tl.constexpr,
     PROMOTED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -278,9 +261,9 @@ def _decode_kernel(
     q1 = _q_chunk(q_ptr, bh, gi, KCH - 1, G, D, KCH)
     m = tl.full((GP,), -float("inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
-    # value accumulators: even and odd channels of the first half, then of the second ("fma": a0 is all
-    # D channels in order)
-    a0 = tl.zeros((GP, D if PRECISION == "fma" else D // 4), tl.float32)
+    # value accumulators: even and odd channels of the first half, then of the second (not HALVES: a0 is
+    # all D channels in order)
+    a0 = tl.zeros((GP, D // 4 if HALVES else D), tl.float32)
     a1 = tl.zeros((GP, D // 4), tl.float32)
     a2 = tl.zeros((GP, D // 4), tl.float32)
     a3 = tl.zeros((GP, D // 4), tl.float32)
@@ -308,7 +291,7 @@ def _decode_kernel(
             at = (bh * n_blocks + n0 // BLOCK_N) * GP + gi
             m, l_sum, a0, a1, a2, a3, resc = _block(
                 q0, q1, m, l_sum, a0, a1, a2, a3, resc, kc, ks, kz, vc, vs, vz, bh * n_quant, n0, rows, every,
-                skip, bmass_ptr, bframe_ptr, at, qk_scale, D, KCH, DT, PRECISION, True, PROMOTED, CERT, TMA,
+                skip, bmass_ptr, bframe_ptr, at, qk_scale, D, KCH, DT, PRECISION, HALVES, True, PROMOTED, CERT, TMA,
             )  # fmt: skip
     else:
         first = n_quant // BLOCK_N
@@ -332,7 +315,8 @@ def _decode_kernel(
                 at = (bh * n_blocks + first + n0 // BLOCK_N) * GP + gi
                 m, l_sum, a0, a1, a2, a3, resc = _block(
                     q0, q1, m, l_sum, a0, a1, a2, a3, resc, kp, ks_ptr, kz_ptr, vp, vs_ptr, vz_ptr, 0, n0, rows,
-                    ok, ~ok, bmass_ptr, bframe_ptr, at, qk_scale, D, KCH, DT, PRECISION, False, True, CERT, False,
+                    ok, ~ok, bmass_ptr, bframe_ptr, at, qk_scale,
+                    D, KCH, DT, PRECISION, HALVES, False, True, CERT, False,
                 )  # fmt: skip
             if seg == 0:
                 first += (n_sink + BLOCK_N - 1) // BLOCK_N
@@ -342,7 +326,7 @@ def _decode_kernel(
     tl.store(m_ptr + out * GP + gi, m)
     tl.store(l_ptr + out * GP + gi, l_sum)
     row = acc_ptr + out * GP * D + gi[:, None] * D
-    if PRECISION == "fma":
+    if not HALVES:
         tl.store(row + tl.arange(0, D)[None, :], a0)
     else:
         even = 2 * tl.arange(0, D // 4)[None, :]
@@ -402,7 +386,7 @@ def code_descriptors(
 ) -> tuple[TensorDescriptor, TensorDescriptor] | None:
     """Tensor descriptors over the key and value codes as [B * H * n, W] matrices with the kernel's tiles
     ([block, D / key_chunks] keys; value bytes [block, D / 4], one channel half, or with ``value_halves``
-    False, the "fma" launches, [block, D / 2]), so that they arrive in
+    False, the kernel's HALVES, [block, D / 2]), so that they arrive in
     shared memory by the copy engine (TMA, Hopper and later), or None: ``mode`` "off", or "auto" outside
     a CUDA graph below ``TMA_EAGER_BYTES``, or where the copy engine cannot take them (no quantized
     tokens, a GPU without TMA, codes not contiguous or not 16-byte aligned). On the CPU (Triton's
@@ -478,7 +462,10 @@ def decode_partials(
         out.resc = torch.empty(b * h, s + 1, gp, dtype=torch.int32, device=dev)
     stats = [out.bmass, out.bframe, out.resc]
     prom = [t1.prom_k, t1.prom_v, t1.prom_idx, t1.prom_mask]
-    descriptors = code_descriptors(t1, block, tma, key_chunks, precision != "fma")
+    # the value layout, one rule for the code tiles and the kernel: halves (four accumulators) on tensor
+    # cores, channel order on the CUDA cores
+    halves = precision != "fma"
+    descriptors = code_descriptors(t1, block, tma, key_chunks, halves)
     kc, vc = descriptors or (t1.kc, t1.vc)
     _decode_kernel[(b * h, s + 1)](
         q.contiguous(), kc, t1.ks, t1.kz, vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
@@ -486,7 +473,8 @@ def decode_partials(
         m, l_sum, acc, *(m if x is None else x for x in stats),
         n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb, s,
         G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, KCH=key_chunks,
-        CERT=cert, PROMOTED=n_prom > 0, TMA=descriptors is not None, num_warps=num_warps, num_stages=num_stages,
+        HALVES=halves, CERT=cert, PROMOTED=n_prom > 0, TMA=descriptors is not None,
+        num_warps=num_warps, num_stages=num_stages,
         **EXACT_OPS, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip
     return out

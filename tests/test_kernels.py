@@ -19,14 +19,15 @@ from certkv.kernels.decode import (
 )
 
 import certkv
+from certkv.streaming import serving_launch
 from tests.helpers import make_kv, make_q
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def filled_cache(b: int, hkv: int, n: int, dtype: torch.dtype, seed: int = 0) -> certkv.TieredKVCache:
-    k, v = make_kv(b=b, hkv=hkv, n=n, d=128, dtype=dtype, seed=seed, outlier=6.0)
-    cache = certkv.TieredKVCache(1, hkv, 128, config=certkv.CertConfig(max_stage=0), device=DEVICE)
+def filled_cache(b: int, hkv: int, n: int, dtype: torch.dtype, seed: int = 0, d: int = 128) -> certkv.TieredKVCache:
+    k, v = make_kv(b=b, hkv=hkv, n=n, d=d, dtype=dtype, seed=seed, outlier=6.0)
+    cache = certkv.TieredKVCache(1, hkv, d, config=certkv.CertConfig(max_stage=0), device=DEVICE)
     cache.append(0, k.to(DEVICE), v.to(DEVICE))
     return cache
 
@@ -76,6 +77,24 @@ def test_tensor_core_variants_stay_close(precision, tol, options):
     assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < tol
 
 
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize(
+    "dtype, launch", [(torch.float16, None), (torch.bfloat16, None), (torch.bfloat16, {"block": 64})]
+)
+def test_head_dims_other_than_128(d, dtype, launch):
+    # the serving launches at D = 64 (one value scale group: both channel halves, and for "fma" all the
+    # bytes, share it) and D = 256 (two groups per half; on a GPU the FP16 tiles must fit its shared
+    # memory), and binary32 products on tensor cores ("ieee")
+    launch = serving_launch(dtype, d) if launch is None else {"precision": "ieee", **launch}
+    cache = filled_cache(1, 2, 390, dtype, seed=13, d=d)
+    t1 = from_cache(cache, 0)
+    q = make_q(b=1, hq=4, d=d, dtype=dtype, seed=14, scale=2.0).to(DEVICE).reshape(1, 2, 2, d)
+    got = combine(decode_partials(q, t1, d**-0.5, 2, **launch), 2).reshape(1, 2, 2, d)
+    want = decode_reference(q.cpu(), on_cpu(t1), d**-0.5)
+    tol = 4e-3 if launch["precision"] == "fp16" else 2e-6  # FP16 operands: 10-bit mantissas
+    assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < tol
+
+
 @pytest.mark.parametrize(
     "dtype, launch",
     [(torch.float16, dict(precision="fp16", block=128, key_chunks=2, num_stages=2)),
@@ -96,6 +115,17 @@ def test_codes_through_tma_descriptors_give_the_same_partials_bit_for_bit(dtype,
     by_tma, by_pointer = (decode_partials(q, t1, 128**-0.5, 3, cert=True, tma=m, **launch) for m in ("on", "off"))
     for name in ("m", "l", "acc", "bmass", "bframe", "resc"):
         assert torch.equal(getattr(by_tma, name), getattr(by_pointer, name)), name
+
+
+def test_serving_tiles_never_exceed_the_bytes_of_the_d128_tiles():
+    # shared memory per stage grows with block x D: above D = 128 the FP16 serving blocks shrink so that
+    # the tiles measured to fit at D = 128 bound them (D = 256 at 128-token blocks needs 143 KB), and
+    # no further than that (twice the block would exceed it); BF16 keeps its 16-token blocks
+    for d in (64, 128, 256, 512, 1024):
+        block = serving_launch(torch.float16, d)["block"]
+        assert isinstance(block, int) and 128 % block == 0
+        assert block * max(d, 128) <= 128 * 128 < 2 * block * max(d, 128)
+        assert serving_launch(torch.bfloat16, d) == serving_launch(torch.bfloat16)
 
 
 def test_split_count_fills_the_gpu_and_never_splits_below_a_block():

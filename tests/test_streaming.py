@@ -178,6 +178,20 @@ def test_promoted_tokens_are_served_from_their_exact_copies():
     assert float((combine(got, 2).reshape(want.shape).double().cpu() - want).abs().max()) < 2e-6
 
 
+@pytest.mark.parametrize("d, dtype", [(64, torch.bfloat16), (256, torch.float16)])
+def test_other_head_dims_are_served_by_the_kernel_and_sound(d, dtype):
+    # the cache's own kernel step (serving launch for D, fused epilogue), checked against the exact reference
+    k, v = make_kv(b=1, hkv=2, n=420, d=d, dtype=dtype, seed=d)
+    cfg = certkv.CertConfig(decode_kernel="always", out_tol=1.0, tv_tol=1.0)
+    cache = certkv.TieredKVCache(1, 2, d, config=cfg, device=DEVICE)
+    cache.append(0, k.to(DEVICE), v.to(DEVICE))
+    q = make_q(b=1, hq=4, d=d, dtype=dtype, seed=d + 1).to(DEVICE)
+    served = cache.attend(0, q)
+    assert cache.kernel_steps == {"tried": 1, "served": 1}
+    checks = assert_sound(cache, 0, q.cpu(), served)
+    assert all(math.isfinite(c.claimed["output_bound"]) for c in checks)
+
+
 def test_head_dims_the_kernels_cannot_tile_go_to_the_torch_path():
     # 192 channels: whole value groups, but not a power of two (the kernels tile D whole)
     k, v = make_kv(b=1, hkv=1, n=300, d=192, dtype=torch.float16, seed=2)

@@ -11,12 +11,12 @@ is compared with the float64 attention over the same Tier-1 tensors and the erro
 attention over the originals (float64) with the certificate's output bound; up to 8K the torch path's
 stage-0 bound is recorded beside it. Any violation fails the run.
 
-``bench``: at B in {1, 8}, H_q/H_kv = 32/8, contexts 8K, 32K, 128K (FP16), median times
-(triton.testing.do_bench) eager and as replayed CUDA graphs of: SDPA on the FP16 cache; the kernel
-without and with its certificate statistics (the overhead); the fused epilogue
+``bench``: at B in {1, 8}, H_q/H_kv = 32/8, contexts 8K, 32K, 128K (FP16, or BF16 with ``--dtype
+bfloat16``), median times (triton.testing.do_bench) eager and as replayed CUDA graphs of: SDPA on the
+16-bit cache; the kernel without and with its certificate statistics (the overhead); the fused epilogue
 (``certkv.kernels.epilogue``); the whole certified step (kernel and fused epilogue); and, eager, the
 torch epilogue it replaces (``certkv.streaming.certify``), with the largest relative difference of
-the two certificates. Writes ``certified_decode.json``.
+the two certificates. Writes ``certified_decode.json`` (BF16: ``certified_decode_bfloat16.json``).
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from benchmarks.decode_bench import bandwidths, bench, tier1
 from certkv.streaming import BOUND_FIELDS, certify, kernel_step, serving_launch
 
 D = 128
-# the serving launch of FP16 caches (from launch_sweep.py) and the one it replaced (binary32 products,
-# which BF16 caches are served with, run 5-7x slower: decode_bench.json)
+# per cache dtype: the serving launch (from launch_sweep.py) and, for FP16, the one it replaced
 LAUNCHES = {
-    "serving_fp16": serving_launch(torch.float16),
-    "fp16_b64_w4": dict(precision="fp16", block=64, num_warps=4),
+    torch.float16: {
+        "serving_fp16": serving_launch(torch.float16),
+        "fp16_b64_w4": dict(precision="fp16", block=64, num_warps=4),
+    },
+    torch.bfloat16: {"serving_bf16": serving_launch(torch.bfloat16)},
 }
 
 
@@ -138,13 +140,13 @@ def _rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.where(got == want, torch.zeros_like(rel), rel).max())
 
 
-def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list[dict]:
+def speed(gen: torch.Generator, contexts: list[int], batches: list[int], dtype: torch.dtype) -> list[dict]:
     rows = []
     hq, hkv = 32, 8
     for b in batches:
         for n in contexts:
-            t1, k, v = tier1(b, n, torch.float16, gen)
-            q = torch.randn(b, hq, 1, D, generator=gen, device="cuda").to(torch.float16)
+            t1, k, v = tier1(b, n, dtype, gen)
+            q = torch.randn(b, hq, 1, D, generator=gen, device="cuda").to(dtype)
             qg = q.reshape(b, hkv, hq // hkv, D)
             scale = D**-0.5
             v_min, v_max = v.amin(2), v.amax(2)
@@ -153,16 +155,16 @@ def speed(gen: torch.Generator, contexts: list[int], batches: list[int]) -> list
             for graph in (False, True):
                 tag = "graph" if graph else "eager"
                 row[f"sdpa_ms_{tag}"] = bench(sdpa, graph)
-                for name, launch in LAUNCHES.items():
+                for name, launch in LAUNCHES[dtype].items():
                     for cert in (False, True):
                         fn = functools.partial(decode_partials, qg, t1, scale, cert=cert, **launch)
                         row[f"{name}{'_cert' if cert else ''}_ms_{tag}"] = bench(fn, graph)
-                    args = _epilogue_args(qg, t1, scale, v_min, v_max, torch.float16, launch)
+                    args = _epilogue_args(qg, t1, scale, v_min, v_max, dtype, launch)
                     row[f"{name}_fused_epilogue_ms_{tag}"] = bench(functools.partial(epilogue.certify, *args), graph)
                     step = functools.partial(_step, qg, t1, scale, v_min, v_max, launch)
                     row[f"{name}_step_ms_{tag}"] = bench(step, graph)
-            for name, launch in LAUNCHES.items():
-                args = _epilogue_args(qg, t1, scale, v_min, v_max, torch.float16, launch)
+            for name, launch in LAUNCHES[dtype].items():
+                args = _epilogue_args(qg, t1, scale, v_min, v_max, dtype, launch)
                 row[f"{name}_torch_epilogue_ms_eager"] = float(
                     do_bench(functools.partial(certify, *args), warmup=3, rep=50, return_mode="median")
                 )
@@ -215,6 +217,7 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="the speed part's cache")
     ap.add_argument("--paths", action="store_true", help="only: the cache's certified step, kernel vs torch path")
     args = ap.parse_args()
     if args.paths:
@@ -226,14 +229,16 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)  # fresh inputs every run
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **bandwidths()}
     result["check"] = [] if args.skip_check else check(gen)
-    result["speed"] = [] if args.skip_speed else speed(gen, args.contexts, args.batches)
+    dtype = getattr(torch, args.dtype)
+    result["speed"] = [] if args.skip_speed else speed(gen, args.contexts, args.batches, dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "certified_check.json" if args.skip_speed else "certified_decode.json"
+    suffix = "" if dtype == torch.float16 else f"_{args.dtype}"
+    name = "certified_check.json" if args.skip_speed else f"certified_decode{suffix}.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     for r in result["speed"]:
         sdpa_g, sdpa_e = r["sdpa_ms_graph"] * 1e3, r["sdpa_ms_eager"] * 1e3
         print(f"B={r['batch']} n={r['context']}: sdpa {sdpa_g:.1f} us graph, {sdpa_e:.1f} eager")
-        for name in LAUNCHES:
+        for name in LAUNCHES[dtype]:
             cert, fused, step_g, step_e = (
                 r[f"{name}{x}"] * 1e3
                 for x in ("_cert_ms_graph", "_fused_epilogue_ms_graph", "_step_ms_graph", "_step_ms_eager")

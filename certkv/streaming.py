@@ -17,6 +17,7 @@ float64 on [B*H, G] rows. ``certify`` is the reference of the fused epilogue
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from certkv.rounding import EXP_REL, TC_U, U32, U64, gamma, inflate, quotient_bo
 from certkv.tv import tanh_bound, tv_bound
 
 U16 = 2.0**-11  # unit roundoff of FP16
+BF16_INTO_FP16 = 2.0**-25  # |fl16(x) - x| for BF16 x, |x| <= 65504 (proofs/lemma_fp16_inputs)
 # |exp2(fl(x)) - 2^x| <= ALPHA1 * 2^x + BETA1 for every computed argument fl(x) of an exact x <= 0:
 # the exp2 routine's own error (EXP_REL, EXP_ABS, measured) plus the rounding of the argument
 # (relative U32, which moves 2^x by at most a factor 2^(128 U32) while |x| <= 128; below 2^-128 the
@@ -45,8 +47,13 @@ class Arithmetic:
     code c, scale s and zero z (exact dequantized c s + z, L the largest code) enters the products as
     an operand within ``step`` * L|s| + ``mag`` * max(|z|, |z + L s|) + ``abs`` of c s + z (one rounding
     of c s, one of the sum, each relative to its own result); the weights fed to the value product
-    within ``p_rel`` * p + ``p_abs`` of p; every operand stays below ``limit`` (FP16: 65504); and
-    the products accumulate with unit roundoff ``dot_u``."""
+    within ``p_rel`` * p + ``p_abs`` of p; every operand stays below ``limit`` (FP16: 65504); the
+    products accumulate with unit roundoff ``dot_u``; and the query enters the products of the
+    quantized tokens within ``q_rel`` * |q| + ``q_abs`` of q (0: exactly, as an FP16 query into FP16
+    products; a BF16 query rounded to FP16: 0 and 2^-25, proofs/lemma_fp16_inputs: exact in FP16's
+    normal range, half the subnormal spacing below), and the exact tokens (sink, window, promoted)
+    within ``x_abs`` of themselves (BF16 into FP16: 2^-25 by the same lemma; the values' share is
+    inside ``abs``, which every token's value operand is allowed)."""
 
     step: float
     mag: float
@@ -55,6 +62,14 @@ class Arithmetic:
     p_abs: float
     limit: float
     dot_u: float
+    q_rel: float = 0.0
+    q_abs: float = 0.0
+    x_abs: float = 0.0
+
+    @property
+    def rounds_inputs(self) -> bool:
+        """Whether the query or the exact tokens are rounded into the products' format."""
+        return bool(self.q_rel or self.q_abs or self.x_abs)
 
 
 # binary32 dequantization, products on FMAs ("ieee" and "fma" run on the CUDA cores); FP16 operands on
@@ -95,17 +110,30 @@ def _block_max(x: torch.Tensor, blk: int) -> torch.Tensor:
 
 
 def arithmetic(q: torch.Tensor, t1: object, precision: str, deq16: bool) -> Arithmetic:
-    """The rounding model of a launch, refusing those without one: "tf32", and "fp16" (operands
-    rounded to FP16) over anything but FP16 queries, scales and exact tokens."""
+    """The rounding model of a launch, refusing those without one: "tf32", and "fp16" with ``deq16``
+    (dequantization in FP16 arithmetic) over anything but FP16 queries, scales and exact tokens. "fp16"
+    over BF16: the dequantized operands round to FP16 as over FP16 scales (c·s is exact in binary32 for
+    any 16-bit s), and a BF16 query and BF16 exact tokens round to FP16 (``q_rel``, ``q_abs``,
+    ``x_abs``; beyond 65504 the step is not certified)."""
     from certkv.kernels.decode import Tier1
 
     assert isinstance(t1, Tier1)
     if (precision, deq16) not in ARITHMETIC:
         raise ValueError(f"precision {precision!r} (deq16={deq16}) has no rounding model: {sorted(ARITHMETIC)}")
+    model = ARITHMETIC[precision, deq16]
+    if precision != "fp16":
+        return model
     exact = [sk for sk, _ in t1.exact_segments() if sk.shape[2]]
-    if precision == "fp16" and any(x.dtype != torch.float16 for x in (q, t1.ks, t1.vs, *exact)):
-        raise ValueError("precision 'fp16' rounds operands to FP16: it is certified for FP16 caches and queries only")
-    return ARITHMETIC[precision, deq16]
+    dtypes = {x.dtype for x in (q, t1.ks, t1.vs, *exact)}
+    if not dtypes <= {torch.float16, torch.bfloat16}:
+        raise ValueError(f"precision 'fp16' takes FP16 or BF16 queries, scales and exact tokens, not {dtypes}")
+    if deq16 and dtypes != {torch.float16}:
+        raise ValueError("deq16 dequantizes in FP16 arithmetic: it is certified for FP16 caches and queries only")
+    if q.dtype != torch.float16:
+        model = dataclasses.replace(model, q_abs=BF16_INTO_FP16)
+    if any(x.dtype != torch.float16 for x in exact):
+        model = dataclasses.replace(model, x_abs=BF16_INTO_FP16)
+    return model
 
 
 def certify(
@@ -156,15 +184,28 @@ def certify(
     k_used = k_max + k_err  # >= |key operand|
     eps_g = s_up * torch.einsum("rgd,rkd->rgk", absq, k_rad) * inflate(d)
     rho_g = s_up * torch.einsum("rgd,rkd->rgk", absq, k_used * q_dot + k_err) * inflate(d)
+    dq = (ar.q_rel * absq + ar.q_abs) * (1 + 2 * U64)  # >= |q~ - q|, the query's rounding; |q~| <= |q| + dq
+    if ar.rounds_inputs:
+        rho_q16 = s_up * torch.einsum("rgd,rkd->rgk", dq, k_used * (1 + q_dot)) * inflate(d)
+        rho_g = (rho_g + rho_q16) * (1 + 2 * U64)
     per_group = KEY_GROUP // blk
     eps_q = eps_g.repeat_interleave(per_group, -1)
     rho_q = rho_g.repeat_interleave(per_group, -1)
-    exact_rho = [  # exact tokens: the dot product's rounding only (operands exact: FP16 stays FP16)
-        _block_max(s_up * torch.einsum("rgd,rkd->rgk", absq, sk.double().abs().reshape(bh, -1, d)), blk)
-        * q_dot
-        * inflate(d)
-        for sk, _ in segments
-    ]
+    if ar.rounds_inputs:  # exact tokens rounded into the products too: |k~ - k| <= x_abs
+        wq = absq * q_dot + dq * (1 + q_dot)
+        xq = ar.x_abs * absq.sum(-1, keepdim=True)
+        exact_rho = [
+            _block_max(s_up * (torch.einsum("rgd,rkd->rgk", wq, sk.double().abs().reshape(bh, -1, d) + ar.x_abs) + xq),
+                       blk) * inflate(d) * (1 + 8 * U64)
+            for sk, _ in segments
+        ]  # fmt: skip
+    else:  # exact tokens: the dot product's rounding only (operands exact: FP16 stays FP16)
+        exact_rho = [
+            _block_max(s_up * torch.einsum("rgd,rkd->rgk", absq, sk.double().abs().reshape(bh, -1, d)), blk)
+            * q_dot
+            * inflate(d)
+            for sk, _ in segments
+        ]
     rho = torch.cat([rho_q, *exact_rho], dim=-1)  # [BH, G, NB]
     eps = torch.cat([eps_q, *(torch.zeros_like(r) for r in exact_rho)], dim=-1)
     r_p = (eps + rho) * (1 + 2 * U64)  # original vs computed logits
@@ -260,6 +301,8 @@ def certify(
 
     # operands that would overflow the precision, or a non-finite result: nothing is certified
     too_big = (k_used.amax((-1, -2)) > ar.limit) | (vmag_max[:, 0] * (1 + v_rel) > ar.limit)
+    if ar.rounds_inputs:  # a query rounded to the operands' format must fit it
+        too_big |= absq.amax((-1, -2)) > ar.limit
     for sk, sv in segments:
         big = torch.maximum(sk.abs().reshape(bh, -1).amax(-1), sv.abs().reshape(bh, -1).amax(-1))
         too_big |= big.double() > ar.limit
@@ -312,21 +355,21 @@ def stage0_certificate(bounds: dict[str, torch.Tensor]) -> Certificate:
 
 
 def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]:
-    """The decode-kernel launch certkv serves a cache of ``dtype`` with (``decode_partials`` options;
-    measured on the H100 at ``head_dim`` 128: docs/benchmarks.md). FP16 caches: FP16 tensor-core
-    products, 128-token blocks, the logits over two chunks of channels with registers capped at 168
-    (three programs per SM instead of two) and splits for 396 programs, two pipeline stages, the codes
-    through TMA where it pays (``tma="auto"``: the kernel 17-18% faster at 128K; dequantizing in FP16
-    arithmetic, ``deq16``, made the step 2-6% faster and the median bound 12-14% looser). Anything
-    else: binary32 products on the CUDA cores, 16-token blocks, codes by pointer (TMA made those small
-    tiles 3-8% slower; BF16 operands would lose range in FP16, and "fp16" is certified for FP16 caches
-    only: ``arithmetic``; binary32 products on tensor cores, "ieee", ran 2.2-2.9x slower).
+    """The decode-kernel launch certkv serves a cache of ``dtype`` (FP16 or BF16) with
+    (``decode_partials`` options; measured on the H100 at ``head_dim`` 128: docs/benchmarks.md): FP16
+    tensor-core products, 128-token blocks, the logits over two chunks of channels with registers
+    capped at 168 (three programs per SM instead of two) and splits for 396 programs, two pipeline
+    stages, the codes through TMA where it pays (``tma="auto"``: the kernel 17-18% faster at 128K;
+    dequantizing in FP16 arithmetic, ``deq16``, made the step 2-6% faster and the median bound 12-14%
+    looser). BF16 caches take the same launch: their query rounds to FP16 (``arithmetic``) and their
+    exact tokens go through binary32 products; until then they were served by binary32 products on the
+    CUDA cores ("fma", 16-token blocks): the kernel 2.2-4.8x slower, the step 0.23-0.27x SDPA.
 
-    Other head sizes (powers of two from 64) keep the FP16 tiles' bytes: blocks of 128·128 / D tokens
-    above D = 128 (the D = 128 tiles at D = 256 need 143 KB of shared memory, more than many GPUs
-    have, and spill registers), and no register cap or program target (both tuned at D = 128 only)."""
-    if dtype != torch.float16:
-        return dict(precision="fma", block=16, num_stages=2, num_warps=4)
+    Other head sizes (powers of two from 64) keep the tiles' bytes: blocks of 128·128 / D tokens above
+    D = 128 (the D = 128 tiles at D = 256 need 143 KB of shared memory, more than many GPUs have, and
+    spill registers), and no register cap or program target (both tuned at D = 128 only)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the decode kernel serves FP16 and BF16 caches, not {dtype}")
     launch: dict[str, object] = dict(precision="fp16", block=128, key_chunks=2, num_stages=2, num_warps=4, tma="auto")
     if head_dim == 128:
         return launch | dict(maxnreg=168, programs=396)

@@ -429,10 +429,11 @@ def decode_partials(
 
     ``precision``: "ieee" (binary32 products), "fma" (the same arithmetic on CUDA cores, GQA rows
     unpadded), "tf32" or "fp16" (tensor cores; operands rounded to 10-bit mantissas; "fp16" overflows
-    beyond 65504, so it suits FP16 models only). ``certkv.streaming`` certifies "ieee", "fma" and
-    "fp16", not "tf32". ``deq16``: dequantize in FP16 arithmetic (FP16 operands only); ``key_chunks``
-    (1 or 2): the logits of a block over that many chunks of channels, chained on one accumulator, so
-    that only a [block, D / key_chunks] key tile is live (the same MMAs, fewer registers).
+    beyond 65504, which the certificate checks; over BF16 the query and exact tokens round to FP16,
+    which it models). ``certkv.streaming`` certifies "ieee", "fma" and "fp16", not "tf32". ``deq16``:
+    dequantize in FP16 arithmetic (FP16 operands only); ``key_chunks`` (1 or 2): the logits of a block
+    over that many chunks of channels, chained on one accumulator, so that only a [block, D /
+    key_chunks] key tile is live (the same MMAs, fewer registers).
     ``tma``: "on" loads the key and value codes through the tensor memory accelerator where the device
     has one, "auto" where it also pays (``code_descriptors``), "off" never; the same bytes, so the same
     results bit for bit. ``maxnreg``: a cap on registers per thread (more programs per SM);

@@ -49,8 +49,8 @@ from .decode import EXACT_OPS, KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_co
 
 # the float64 constants' slots in the table the kernel reads (Triton passes float scalars as binary32)
 (C_SUP, C_STEP255, C_MAG, C_ABS, C_PREL, C_PABS, C_LIMIT, C_DOTU, C_QDOT, C_INFD, C_C1, C_BABS, C_LIVE, C_DUSTMAX,
- C_L1A, C_L1AB, C_BETA1, C_VREL, C_RF, C_RELAX, C_SLACK, C_INF4, C_U64, C_U32,
- C_RATIO) = map(tl.constexpr, range(25))  # fmt: skip
+ C_L1A, C_L1AB, C_BETA1, C_VREL, C_RF, C_RELAX, C_SLACK, C_INF4, C_U64, C_U32, C_QREL, C_QABS,
+ C_XABS, C_RATIO) = map(tl.constexpr, range(28))  # fmt: skip
 KGROUP = tl.constexpr(KEY_GROUP)
 # the per-chunk partial statistics' slots (then NVG slots each of w_eta, eta_hi, eta_lo)
 S_RP, S_RH, S_EPS, S_LAM, S_RLP, S_RLH, S_DUST, S_TOTAL, S_SW, S_VMAG, S_BIG = map(tl.constexpr, range(11))
@@ -76,9 +76,8 @@ FINAL_ROWS = 1  # query rows per program of the final pass
 
 
 @functools.lru_cache(maxsize=64)
-def _constants(device: torch.device, precision: str, deq16: bool, scale: float, d: int, blk: int) -> torch.Tensor:
+def _constants(device: torch.device, ar: streaming.Arithmetic, scale: float, d: int, blk: int) -> torch.Tensor:
     """The launch-invariant float64 constants, computed by the same Python expressions as the reference."""
-    ar = streaming.ARITHMETIC[precision, deq16]
     s_up = float(torch.tensor(scale, dtype=torch.float32)) * (1 + 2 * U32)
     c1 = (streaming.ALPHA1 + gamma(blk) * (1 + streaming.ALPHA1)) * (1 + 4 * U64) + 4 * U64
     b_abs = blk * streaming.BETA1 * (1 + gamma(blk)) * (1 + 4 * U64)
@@ -87,8 +86,8 @@ def _constants(device: torch.device, precision: str, deq16: bool, scale: float, 
         s_up, ar.step * 255, ar.mag, ar.abs, ar.p_rel, ar.p_abs, ar.limit, ar.dot_u, gamma(d + 5, ar.dot_u),
         inflate(d), c1, b_abs, streaming.LIVE, streaming.DUST_RADIUS_MAX, math.log1p(streaming.ALPHA1),
         streaming.LOG1P_ALPHA1_BETA1, streaming.BETA1, 2 * ar.step + ar.mag,
-        RADIUS_FACTOR, RELAX_MAX_RADIUS, 64 * (BINS + HEAVY) * U64, inflate(4), U64, U32,
-        *(BIN_RATIO ** (-exps)).tolist(),
+        RADIUS_FACTOR, RELAX_MAX_RADIUS, 64 * (BINS + HEAVY) * U64, inflate(4), U64, U32, ar.q_rel, ar.q_abs,
+        ar.x_abs, *(BIN_RATIO ** (-exps)).tolist(),
     ]  # fmt: skip
     return torch.tensor(values, dtype=torch.float64).to(device)
 
@@ -263,11 +262,12 @@ def _radius_sets(red, c_ptr, nb_all, NS: tl.constexpr, BINS: tl.constexpr):
 
 
 @triton.jit
-def _key_group_stats(ks_ptr, kz_ptr, grp, d, absq, c_ptr):
+def _key_group_stats(ks_ptr, kz_ptr, grp, d, absq, dq, c_ptr, QROUND: tl.constexpr):
     """Logit radii of key group ``grp`` (docs/theory.md section 8, as ``certkv.streaming.certify``),
     float64 per query row of ``absq`` [GR, D] (|q|, padding rows 0): the quantization radius eps =
-    s |q|.k_rad, the rounding radius rho = s |q|.(|k used| dot_u-factor + |k error|), each rounded up,
-    and the largest key operand magnitude (the overflow check)."""
+    s |q|.k_rad, the rounding radius rho = s |q|.(|k used| dot_u-factor + |k error|) (QROUND, the
+    query rounded into the products within ``dq``: plus s dq.|k used| (1 + dot_u-factor)), each
+    rounded up, and the largest key operand magnitude (the overflow check)."""
     D: tl.constexpr = d.shape[0]
     u64 = tl.load(c_ptr + C_U64)
     ks16 = tl.load(ks_ptr + grp * D + d)
@@ -280,8 +280,13 @@ def _key_group_stats(ks_ptr, kz_ptr, grp, d, absq, c_ptr):
     k_used = k_max + k_err
     s_up, infl_d = tl.load(c_ptr + C_SUP), tl.load(c_ptr + C_INFD)
     eps = s_up * tl.sum(absq * k_rad[None, :], 1) * infl_d
-    rho = s_up * tl.sum(absq * (k_used * tl.load(c_ptr + C_QDOT) + k_err)[None, :], 1) * infl_d
-    return eps, rho, tl.max(k_used, 0)
+    q_dot = tl.load(c_ptr + C_QDOT)
+    rho = s_up * tl.sum(absq * (k_used * q_dot + k_err)[None, :], 1) * infl_d
+    big = tl.max(k_used, 0)
+    if QROUND:
+        rho_q16 = s_up * tl.sum(dq * (k_used * (1.0 + q_dot))[None, :], 1) * infl_d
+        rho = (rho + rho_q16) * (1.0 + 2.0 * u64)
+    return eps, rho, big
 
 
 @triton.jit
@@ -311,7 +316,7 @@ def _scales_kernel(
     q_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ek0, ev0, ek1, ev1, ek2, ev2, c_ptr, qstat_ptr, erec_ptr,
     n_quant, n_e0, n_e1, n_e2,
     G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, ETOK: tl.constexpr,
-    ESUB: tl.constexpr, NQS: tl.constexpr,
+    ESUB: tl.constexpr, NQS: tl.constexpr, QROUND: tl.constexpr,
 ):  # fmt: skip
     """What the certificate takes from the cache's magnitudes, before the block masses are known; one
     program per (batch row x KV head, key group or ETOK exact tokens). A key group: the records of its
@@ -326,10 +331,16 @@ def _scales_kernel(
     ri = tl.arange(0, GR)
     absq = tl.abs(tl.load(q_ptr + (bh * G + ri[:, None]) * D + d[None, :], mask=ri[:, None] < G, other=0.0))
     absq = absq.to(tl.float64)
+    u64 = tl.load(c_ptr + C_U64)
+    # QROUND (certkv.streaming.Arithmetic.rounds_inputs): the query rounds into the products within dq
+    # and the exact tokens within x_abs; a query beyond the operands' range is not certified
+    dq = (tl.load(c_ptr + C_QREL) * absq + tl.load(c_ptr + C_QABS)) * (1.0 + 2.0 * u64)
+    q_big = tl.max(tl.max(absq, 1), 0) if QROUND else 0.0
     n_groups = n_quant // KGROUP
     if part < n_groups:
         k_base = bh * n_groups * D
-        eps, rho, big = _key_group_stats(ks_ptr + k_base, kz_ptr + k_base, part, d, absq, c_ptr)
+        eps, rho, big = _key_group_stats(ks_ptr + k_base, kz_ptr + k_base, part, d, absq, dq, c_ptr, QROUND)
+        big = tl.maximum(big, q_big)
         vg = tl.arange(0, NVG)
         tok = part * KGROUP + tl.arange(0, KGROUP)
         at = (bh * n_quant + tok)[:, None] * NVG + vg[None, :]
@@ -360,19 +371,26 @@ def _scales_kernel(
         v_top = tl.zeros((), tl.float64)
         k_top = tl.zeros((), tl.float64)
         s_up = tl.load(c_ptr + C_SUP)
+        # QROUND: per token s_up (sum_j wq_j (|k_j| + x_abs) + x_abs sum_j |q_j|) >= s |fl(q~.k~) - q.k| / infl
+        q_dot, x_abs = tl.load(c_ptr + C_QDOT), tl.load(c_ptr + C_XABS)
+        wq = absq * q_dot + dq * (1.0 + q_dot)
+        xq = x_abs * tl.sum(absq, 1)
         # one token at a time: [GR, D] tiles keep the registers of the whole kernel (both branches) low
         for j in range(ETOK):
             on = (d * 0 + t_first + j) < count  # a tensor mask (the interpreter takes no scalar)
             at_t = (bh * count + t_first + j) * D + d
             k = tl.abs(tl.load(kp + at_t, mask=on, other=0.0).to(tl.float64))
             v = tl.abs(tl.load(vp + at_t, mask=on, other=0.0).to(tl.float64))
-            dots = tl.maximum(dots, s_up * tl.sum(absq * k[None, :], 1))
+            if QROUND:
+                dots = tl.maximum(dots, s_up * (tl.sum(wq * (k + x_abs)[None, :], 1) + xq))
+            else:
+                dots = tl.maximum(dots, s_up * tl.sum(absq * k[None, :], 1))
             v_top = tl.maximum(v_top, tl.max(v))
             k_top = tl.maximum(k_top, tl.max(k))
         pair = tl.arange(0, 2)
         rec_t = erec_ptr + (bh * (tl.num_programs(1) - n_groups) + e) * (GR + 2)
         tl.store(rec_t + ri, dots)
-        tl.store(rec_t + GR + pair, tl.where(pair == 0, v_top, tl.maximum(k_top, v_top)))
+        tl.store(rec_t + GR + pair, tl.where(pair == 0, v_top, tl.maximum(tl.maximum(k_top, v_top), q_big)))
 
 
 @triton.jit(do_not_specialize=["n_quant", "n_splits", "nb_all", "chunk", "n_chunks", "n_parts"])
@@ -380,7 +398,7 @@ def _blocks_kernel(
     qstat_ptr, erec_ptr, m_ptr, bmass_ptr, bframe_ptr, c_ptr, scratch_ptr, p_ptr,
     n_quant, n_splits, nb_all, chunk, n_chunks, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
-    CB: tl.constexpr, ESUB: tl.constexpr, NQS: tl.constexpr, NSTAT: tl.constexpr,
+    CB: tl.constexpr, ESUB: tl.constexpr, NQS: tl.constexpr, NSTAT: tl.constexpr, QROUND: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     part = tl.program_id(1)
@@ -466,7 +484,8 @@ def _blocks_kernel(
         dots = tl.max(tl.load(rec[:, None] + gi[None, :]), 0)  # the block's largest s_up |q|.|k|
         vmag = tl.max(tl.load(rec + GR))
         big = tl.max(tl.load(rec + GR + 1))
-        rho = dots * q_dot * infl_d
+        # QROUND: dots holds the whole rounding bound (_scales_kernel)
+        rho = dots * infl_d * (1.0 + 8.0 * u64) if QROUND else dots * q_dot * infl_d
         r_p = rho * (1.0 + 2.0 * u64)
         at_b = (bh * nb_all + n_qb + eb) * GP + gi
         lam, dust, m_live, m_up = _block_stats(bmass_ptr, bframe_ptr, at_b, row, top, c1, babs_c, live_c)
@@ -728,7 +747,7 @@ def certify(
 ) -> tuple[torch.Tensor, streaming.Certificate]:
     """``certkv.streaming.certify`` in five launches: the output [B, H, G, D] in ``out_dtype`` and its
     certificate (fields [B, H, G]), with the same guarantee (output_bound >= max_j |output_j - o_j|)."""
-    streaming.arithmetic(q, t1, precision, deq16)
+    ar = streaming.arithmetic(q, t1, precision, deq16)
     p = partials
     assert p.bmass is not None and p.bframe is not None and p.resc is not None
     b, h, g, d = q.shape
@@ -758,7 +777,7 @@ def certify(
     few = bh * (gr // rows) * 3 * (GRID // LP_INTERVALS["few"]) <= LP_MANY
     per = LP_INTERVALS["few"] if few else LP_INTERVALS["many"]
     lp = torch.empty(bh, 3, GRID // per, gr, **f64)  # type: ignore[arg-type]
-    consts = _constants(dev, precision, deq16, float(scale), d, blk)
+    consts = _constants(dev, ar, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
     esub = blk // etok  # exact chunks (scales-pass programs) per exact block
     n_eparts = (nb_all - n_quant // blk) * esub
@@ -769,13 +788,14 @@ def certify(
         _scales_kernel[(bh, n_quant // KEY_GROUP + n_eparts)](
             q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
             consts, qstat, erec, n_quant, *counts,
-            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, ESUB=esub, NQS=nqs, num_warps=WARPS["scales"], **EXACT_OPS,
+            G=g, GR=gr, D=d, BLK=blk, ETOK=etok, ESUB=esub, NQS=nqs, QROUND=ar.rounds_inputs,
+            num_warps=WARPS["scales"], **EXACT_OPS,
         )  # fmt: skip
     _blocks_kernel[(bh, n_parts)](
         qstat, erec, p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, p.splits, nb_all, chunk, n_chunks, n_parts,
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ESUB=esub, NQS=nqs,
-        NSTAT=nstat, num_warps=WARPS["blocks"], **EXACT_OPS,
+        NSTAT=nstat, QROUND=ar.rounds_inputs, num_warps=WARPS["blocks"], **EXACT_OPS,
     )  # fmt: skip
     _bins_kernel[(bh, n_parts)](
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,

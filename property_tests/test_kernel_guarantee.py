@@ -33,7 +33,8 @@ LAUNCHES = {
 @st.composite
 def kernel_cases(draw: st.DrawFn) -> tuple[Scenario, str, int | None, str]:
     launch = draw(st.sampled_from(sorted(LAUNCHES)))
-    dtype = torch.float16 if launch.startswith("fp16") else draw(st.sampled_from((torch.float16, torch.bfloat16)))
+    # deq16 dequantizes in FP16 arithmetic: FP16 caches only
+    dtype = torch.float16 if launch == "fp16-deq16" else draw(st.sampled_from((torch.float16, torch.bfloat16)))
     sc = Scenario(
         batch=draw(st.integers(1, 2)),
         kv_heads=draw(st.integers(1, 2)),

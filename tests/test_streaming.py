@@ -37,6 +37,7 @@ CASES = [
     (torch.float16, "fma", {"block": 16}, (1, 1, 2, 300), None, 2.0),
     (torch.bfloat16, "ieee", {}, (1, 1, 4, 900), 4, 40.0),  # peaky: most blocks are dust
     (torch.float16, "fp16", {"block": 64, "tma": "on"}, (1, 2, 2, 460), None, 0.05),  # flat; codes by TMA
+    (torch.bfloat16, "fp16", {"block": 64, "key_chunks": 2}, (1, 2, 2, 520), None, 3.0),  # BF16 on FP16 products
 ]
 
 
@@ -93,9 +94,10 @@ def test_precisions_without_a_rounding_model_are_refused():
     with pytest.raises(ValueError, match="no rounding model"):
         certify(q, t1, decode_partials(q, t1, SCALE, precision="tf32", cert=True), SCALE, "tf32", st.v_min,
                 st.v_max, q.dtype)  # fmt: skip
+    # FP16 dequantization arithmetic assumes FP16 scales; FP16 products over BF16 have a model
     with pytest.raises(ValueError, match="FP16 caches"):
-        certify(q, t1, decode_partials(q, t1, SCALE, precision="fp16", cert=True), SCALE, "fp16", st.v_min,
-                st.v_max, q.dtype)  # fmt: skip
+        certify(q, t1, decode_partials(q, t1, SCALE, precision="fp16", deq16=True, cert=True), SCALE, "fp16",
+                st.v_min, st.v_max, q.dtype, True)  # fmt: skip
 
 
 def test_operands_beyond_fp16_range_are_not_certified():
@@ -112,6 +114,19 @@ def test_operands_beyond_fp16_range_are_not_certified():
     _, cert = certify(q, t1, decode_partials(q, t1, SCALE, precision="ieee", cert=True), SCALE, "ieee", st.v_min,
                       st.v_max, q.dtype)  # fmt: skip
     assert bool(torch.isfinite(cert.output_bound).all())
+    # a BF16 query beyond FP16's range in a channel where every key is 0 (so no logit or radius grows):
+    # rounded into FP16 products it would overflow (inf x 0); binary32 products take it
+    cache = cache_of(1, 1, 300, torch.bfloat16)
+    st = cache._layers[0]
+    t1 = from_cache(cache, 0)
+    for x in (t1.ks, t1.kz, t1.sink_k, t1.win_k):
+        x[..., 5] = 0.0
+    q = make_q(b=1, hq=2, d=128, dtype=torch.bfloat16).to(DEVICE).reshape(1, 1, 2, 128)
+    q[0, 0, 1, 5] = 70000.0
+    for precision, finite in (("fp16", False), ("ieee", True)):
+        _, cert = certify(q, t1, decode_partials(q, t1, SCALE, precision=precision, cert=True), SCALE, precision,
+                          st.v_min, st.v_max, q.dtype)  # fmt: skip
+        assert bool(torch.isfinite(cert.output_bound[0, 0, 1])) == finite
 
 
 def test_cache_serves_stage0_from_the_kernel_and_falls_back_to_the_torch_ladder():

@@ -48,12 +48,12 @@ class Arithmetic:
     an operand within ``step`` * L|s| + ``mag`` * max(|z|, |z + L s|) + ``abs`` of c s + z (one rounding
     of c s, one of the sum, each relative to its own result); the weights fed to the value product
     within ``p_rel`` * p + ``p_abs`` of p; every operand stays below ``limit`` (FP16: 65504); the
-    products accumulate with unit roundoff ``dot_u``; and the query enters the products of the
-    quantized tokens within ``q_rel`` * |q| + ``q_abs`` of q (0: exactly, as an FP16 query into FP16
-    products; a BF16 query rounded to FP16: 0 and 2^-25, proofs/lemma_fp16_inputs: exact in FP16's
-    normal range, half the subnormal spacing below), and the exact tokens (sink, window, promoted)
-    within ``x_abs`` of themselves (BF16 into FP16: 2^-25 by the same lemma; the values' share is
-    inside ``abs``, which every token's value operand is allowed)."""
+    products accumulate with unit roundoff ``dot_u``; and the query enters the products within
+    ``q_rel`` * |q| + ``q_abs`` of q (0: exactly, as an FP16 query into FP16 products; a BF16 query
+    rounded to FP16: 0 and 2^-25, proofs/lemma_fp16_inputs: exact in FP16's normal range, half the
+    subnormal spacing below), and the exact tokens (sink, window, promoted) within ``x_abs`` of
+    themselves (BF16 into FP16: 2^-25 by the same lemma; the values' share is inside ``abs``, which
+    every token's value operand is allowed)."""
 
     step: float
     mag: float
@@ -361,9 +361,10 @@ def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]
     capped at 168 (three programs per SM instead of two) and splits for 396 programs, two pipeline
     stages, the codes through TMA where it pays (``tma="auto"``: the kernel 17-18% faster at 128K;
     dequantizing in FP16 arithmetic, ``deq16``, made the step 2-6% faster and the median bound 12-14%
-    looser). BF16 caches take the same launch: their query rounds to FP16 (``arithmetic``) and their
-    exact tokens go through binary32 products; until then they were served by binary32 products on the
-    CUDA cores ("fma", 16-token blocks): the kernel 2.2-4.8x slower, the step 0.23-0.27x SDPA.
+    looser). BF16 caches take the same launch: their query and exact tokens round into FP16, within
+    2^-25 (``arithmetic``; the median bound 8-16% looser); until then they were served by binary32
+    products on the CUDA cores ("fma", 16-token blocks): the kernel 2.2-4.8x slower, the step 0.23-0.27x
+    SDPA.
 
     Other head sizes (powers of two from 64) keep the tiles' bytes: blocks of 128·128 / D tokens above
     D = 128 (the D = 128 tiles at D = 256 need 143 KB of shared memory, more than many GPUs have, and

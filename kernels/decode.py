@@ -125,7 +125,7 @@ def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.
                DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """Keys [BLOCK_N, D / KCH] (channels of chunk ``c``) of tokens n0 + rows. QUANTIZED: dequantized in
     DT from their codes (``_code_rows``; a block never straddles a key group, so the group's scales
-    broadcast; c·s is exact in binary32 (8 x 11 bits), so the FMA rounds as c·s + z does); otherwise
+    broadcast; c·s is exact in binary32 (8 x at most 11 bits), so the FMA rounds as c·s + z does); otherwise
     the exact 16-bit keys at ``src`` ([count, D], rows masked by ``ok``) in binary32."""
     W: tl.constexpr = D // KCH
     dc = c * W + tl.arange(0, W)
@@ -385,12 +385,12 @@ def code_descriptors(
     t1: Tier1, block: int, mode: str = "on", key_chunks: int = 1, value_halves: bool = True
 ) -> tuple[TensorDescriptor, TensorDescriptor] | None:
     """Tensor descriptors over the key and value codes as [B * H * n, W] matrices with the kernel's tiles
-    ([block, D / key_chunks] keys; value bytes [block, D / 4], one channel half, or with ``value_halves``
-    False, the kernel's HALVES, [block, D / 2]), so that they arrive in
-    shared memory by the copy engine (TMA, Hopper and later), or None: ``mode`` "off", or "auto" outside
-    a CUDA graph below ``TMA_EAGER_BYTES``, or where the copy engine cannot take them (no quantized
-    tokens, a GPU without TMA, codes not contiguous or not 16-byte aligned). On the CPU (Triton's
-    interpreter) descriptors are emulated, so tests run this path."""
+    ([block, D / key_chunks] keys; value bytes [block, D / 4], one channel half, or [block, D / 2] with
+    ``value_halves`` False, the kernel's HALVES), so that they arrive in shared memory by the copy
+    engine (TMA, Hopper and later), or None: ``mode`` "off", or "auto" outside a CUDA graph below
+    ``TMA_EAGER_BYTES``, or where the copy engine cannot take them (no quantized tokens, a GPU without
+    TMA, codes not contiguous or not 16-byte aligned). On the CPU (Triton's interpreter) descriptors are
+    emulated, so tests run this path."""
     if mode not in TMA_MODES:
         raise ValueError(f"tma mode {mode!r}: one of {TMA_MODES}")
     kc, vc = t1.kc, t1.vc

@@ -3,12 +3,13 @@
 Run from the repository root: ``PYTHONPATH=. python benchmarks/profile_epilogue.py --sweep NAME``.
 For B in {1, 8}, H_q/H_kv = 32/8, D = 128, FP16, contexts 8K and 128K, after the serving launch
 (``certkv.streaming.serving_launch``): the mean GPU time per launch of the scales pass, the block
-pass, binning, the relaxation and the final pass (torch.profiler, 20 calls), for each launch shape of
+pass, binning, the edge maximum and the final pass (torch.profiler, 20 calls), for each launch shape of
 the sweep (``SWEEPS``: warps, blocks per loop step or exact tokens per scales-pass program, programs,
-query rows and grid intervals per relaxation program). Writes ``profile_epilogue_NAME.json``.
-Earlier runs kept beside them:
-``profile_epilogue_lp_v1.json`` (relaxation warps x intervals with all four query rows per program),
-``profile_epilogue_regs.json`` (register limits per kernel through Triton's ``maxnreg``, since removed).
+query rows of the final pass, bins per program of the edge maximum). Writes
+``profile_epilogue_NAME.json``. Earlier runs kept beside them: ``profile_epilogue_lp_v1.json``,
+``profile_epilogue_lprows.json``, ``profile_epilogue_lp.json`` (the grid relaxation the edge maximum
+replaced: warps, intervals and query rows per program), ``profile_epilogue_regs.json`` (register
+limits per kernel through Triton's ``maxnreg``, since removed).
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ from benchmarks.certified_decode import _epilogue_args
 from benchmarks.decode_bench import HKV, HQ, D, tier1
 from certkv.streaming import serving_launch
 
-# each shape: settings of epilogue.WARPS / STEP / PROGRAMS / LP_INTERVALS and of its LP_ROWS ("lp.rows");
-# the defaults elsewhere. ``--sweep NAME`` runs one list and writes profile_epilogue_NAME.json.
+# each shape: settings of epilogue.WARPS / STEP / PROGRAMS and of its LP_BINS ("lp.bins") and FINAL_ROWS
+# ("final.rows"); the defaults elsewhere. ``--sweep NAME`` runs one list and writes profile_epilogue_NAME.json.
 SWEEPS = {
     "blocks": [{"warps.blocks": w, "step.blocks": cb, "step.tokens": tok, "programs.blocks": p}
                for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]
               + [{"warps.lp": 16}],
-    "lprows": [{}] + [{"lp.rows": r, "warps.lp": w} for r, w in itertools.product((1, 2), (2, 4, 8))],
-    "lp": [{}, {"warps.lp": 2}, {"intervals.few": 8}, {"intervals.many": 4}, {"intervals.many": 16}],
+    "edges": [{"lp.bins": ib, "warps.lp": w} for ib, w in itertools.product((4, 8, 16, 32), (1, 2, 4))],
     "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
     "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
     "parts": [{"programs.blocks": p, "step.blocks": cb} for p, cb in itertools.product((132, 264, 528), (8, 16, 32))],
@@ -49,12 +49,11 @@ def _apply(shape: dict[str, int]) -> dict[str, int]:
         "warps": epilogue.WARPS,
         "step": epilogue.STEP,
         "programs": epilogue.PROGRAMS,
-        "intervals": epilogue.LP_INTERVALS,
     }
     old = {}
     for key, value in shape.items():
         table, name = key.split(".")
-        if table in ("lp", "final"):  # the module's LP_ROWS, FINAL_ROWS
+        if table in ("lp", "final"):  # the module's LP_BINS, FINAL_ROWS
             attr = f"{table.upper()}_{name.upper()}"
             old[key] = getattr(epilogue, attr)
             setattr(epilogue, attr, value)
@@ -82,7 +81,7 @@ def launch_times(args: tuple, calls: int = 20) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="lp")
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="edges")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

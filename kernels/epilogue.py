@@ -12,22 +12,21 @@ whatever the context): more than the decode kernel itself. Here the same float64
    window or promoted tokens): the records (or, for exact tokens, |q|.|k| and |v|), block masses and
    their accuracy, the dust, value magnitudes and radii weighted by the masses. Per block the radii,
    accuracy and live mass go to a scratch buffer; per part the partial maxima and sums to another;
-3. ``_bins_kernel`` (same grid): each part's blocks binned into the divisible total-variation
-   relaxation of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
+3. ``_bins_kernel`` (same grid): each part's blocks binned for the divisible total-variation bound
+   of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
    the maxima over all parts (each program reduces the parts' radius-set slots in one pass; the
    first stores them for the next launch);
-4. ``_lp_kernel`` (batch row x head x query row, radius set, group of grid intervals): the
-   relaxation bounded on each interval of its grid (one query row per program: fewer live registers,
-   more programs per SM);
+4. ``_lp_kernel`` (batch row x head x query row, radius set, LP_BINS of the bins): the maximum of the
+   divisible problem over the edges of the greedy's vertices (``certkv.tv._edges_max``), exact up to
+   rounding; the vertices (i, j) with i among the program's bins;
 5. ``_final_kernel`` (batch row x head x query row): the splits merged into the output, all the
    parts' statistics reduced in one pass, the TV bounds, the terms per channel and the certificate's
    fields.
 
 Partial results are reduced in a fixed order, so the result does not depend on scheduling.
 Differences from the torch reference, each a few units of float64 rounding: sums run in another
-order (every sum is inflated for any order), the LP's dual multiplier is found by pairwise
-comparison instead of a sort (any multiplier is sound; ties aside it is the same one), and
-tanh(R/2) is evaluated as (1 - e^-R) / (1 + e^-R) with its own margin (``_tanh_up``) because
+order (every sum is inflated for any order; the edge maximum's out-ranges by a scan instead of a
+masked sum), and tanh(R/2) is evaluated as (1 - e^-R) / (1 + e^-R) with its own margin (``_tanh_up``) because
 Triton's interpreter has no tanh. Tests hold the two to each other and both to the exact reference.
 """
 
@@ -43,7 +42,7 @@ import triton.language as tl
 from certkv import streaming
 from certkv.quant import RADIUS_FACTOR
 from certkv.rounding import U32, U64, gamma, inflate
-from certkv.tv import BIN_RATIO, BINS, GRID, HEAVY, RELAX_MAX_RADIUS
+from certkv.tv import BIN_RATIO, BINS, HEAVY, RELAX_MAX_RADIUS
 
 from .decode import EXACT_OPS, KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
 
@@ -57,21 +56,19 @@ S_RP, S_RH, S_EPS, S_LAM, S_RLP, S_RLH, S_DUST, S_TOTAL, S_SW, S_VMAG, S_BIG = m
 S_VEC = tl.constexpr(11)
 NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning pass reduces them once)
 N_FIELDS = len(streaming.BOUND_FIELDS)
-# warps per kernel (measured on the H100, docs/benchmarks.md: one warp for the relaxation once its
-# comparisons stay within threads, and for the final pass; two for the block and binning passes)
-WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 1, "final": 1}
+# warps per kernel (measured on the H100, docs/benchmarks.md: four for the edge maximum's [8, 32] tiles,
+# one for the final pass; two for the block and binning passes)
+WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 4, "final": 1}
 # blocks per loop iteration of the block pass (a chunk is a whole number of block steps), exact tokens
 # per program of the scales pass
 STEP = {"blocks": 16, "bins": 16, "tokens": 8}
 PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
-# quantized blocks per part at the least: every binning program, the relaxation and the final pass
+# quantized blocks per part at the least: every binning program, the edge maximum and the final pass
 # reduce over the parts (H100, 128K: 528 parts of 16 blocks at B = 1 binned in 27 us, 256 of 32 in 14)
 CHUNK_LEAST = 32
-# grid intervals of the relaxation per program: "few" while that makes at most LP_MANY programs, else
-# "many" (H100: B = 1, 8 KV heads, 9.6 us with 4 against 13.0 with 8; B = 8: 47 with 8 against 51)
-LP_INTERVALS = {"few": 4, "many": 8}
-LP_MANY = 2048
-LP_ROWS = 1  # query rows per relaxation program (at most the padded GQA group)
+# bins i of the edge maximum's vertices (i, j) per program, a divisor of BINS (H100, 4 warps, 8K: 6.2 us at
+# B = 1, 26.1 at B = 8; 16 bins 7.6 / 25.5, 4 bins 8.6 / 47.2; profile_epilogue_edges.json)
+LP_BINS = 8
 FINAL_ROWS = 1  # query rows per program of the final pass
 
 
@@ -163,24 +160,20 @@ def _bin(radius, m_norm, rm, extra, ratio, BINS: tl.constexpr):
 
 
 @triton.jit
-def _objective(t, lam, dem, w, mass):
-    """h(t, lam) = t - lam dem(t) + sum_k P_k max(0, lam w_k(t) - 1) >= t - c(t) (weak LP duality)."""
-    return t - lam * dem + tl.sum(mass * tl.maximum(lam[:, None] * w - 1.0, 0.0), 1)
-
-
-@triton.jit
-def _dual(dem, w, mass):
-    """1 / w of the critical bin of the light knapsack (descending w, cumulative benefit reaching the
-    demand), 0 where the demand is <= 0 and 1e12 where it cannot be met; by pairwise comparison."""
-    benefit = mass * w
-    # [GR, l, k] summed over l: the middle axis lies within each thread, so the 32 x 32 comparison
-    # needs no exchange between the warp's lanes (summed over k it took 768 float64 shuffles per
-    # program and the relaxation 118 us at B = 8 on the H100; this way 47 us)
-    cum = tl.sum(tl.where(w[:, :, None] >= w[:, None, :], benefit[:, :, None], 0.0), 1)  # [GR, k]
-    w_crit = tl.max(tl.where(cum >= dem[:, None], w, -1.0), 1)
-    lam = tl.where(w_crit > 0, 1.0 / w_crit, 1e12)
-    lam = tl.where(dem > tl.sum(benefit, 1), 1e12, lam)
-    return tl.where(dem <= 0, 0.0, lam)
+def _edge_bound(a0, b_rest, m0, af, bf, mf):
+    """Upper bound on the maximum of A/(A + B) - M along an edge (``certkv.tv._edge_bound``): bin f moves
+    in, A = a0 + theta af, B = b_rest + (1 - theta) bf, M = m0 + theta mf; concave in theta, so its value
+    and slope at the maximiser theta_hat (binary32; any point would do: a NaN becomes 0) bound the whole
+    edge."""
+    kappa = af * (b_rest + bf) + a0 * bf
+    # binary32 square root and divisions rounded to nearest, as the reference's
+    root = tl.sqrt_rn(tl.div_rn(kappa.to(tl.float32), mf.to(tl.float32)))
+    theta32 = tl.div_rn(root - (a0 + b_rest + bf).to(tl.float32), (af - bf).to(tl.float32))
+    theta = tl.where(theta32 > 0, tl.where(theta32 < 1, theta32, 1.0), 0.0).to(tl.float64)
+    a = a0 + theta * af
+    inv = 1.0 / (a + (b_rest + (1.0 - theta) * bf))
+    slope = kappa * inv * inv - mf
+    return a * inv - (m0 + theta * mf) + tl.maximum(slope, 0.0) * (1.0 - theta) + tl.maximum(-slope, 0.0) * theta
 
 
 @triton.jit
@@ -251,7 +244,7 @@ def _summary_at(bh, gi, GR: tl.constexpr):
 @triton.jit
 def _radius_sets(red, c_ptr, nb_all, NS: tl.constexpr, BINS: tl.constexpr):
     """Per row: the largest radius of the sets p, p_hat, p~ (r + lambda; ``tv_bound``'s r_max, with its
-    rounding allowance ``extra``), the same clamped to the relaxation's range, and the live mass."""
+    rounding allowance ``extra``), the same clamped to the edge maximum's range, and the live mass."""
     extra = 4.0 * _gamma(nb_all + BINS + 8, tl.load(c_ptr + C_U64))
     relax = tl.load(c_ptr + C_RELAX)
     r_p = _slot(red, S_RLP, NS) + extra
@@ -516,7 +509,7 @@ def _bins_kernel(
 ):  # fmt: skip
     """Each chunk's live block masses (normalised) into the bins of the three radius sets. Every
     program reduces the radius-set slots of the parts' statistics (the bin edges need the maxima over
-    all parts); the first stores them for the relaxation."""
+    all parts); the first stores them for the edge maximum."""
     bh = tl.program_id(0)
     part = tl.program_id(1)
     gi = tl.arange(0, GR)
@@ -552,59 +545,63 @@ def _bins_kernel(
     tl.store(bins_ptr + at + 2 * GR * BINS, tl.sum(bin_0, 1))
 
 
+@triton.jit
+def _in_sums(x, below, above):
+    """[i, j]: x summed over the bins below i (``below`` [IB, BINS]) and above j (``above`` [BINS, BINS])."""
+    return tl.sum(tl.where(below, x[None, :], 0.0), 1)[:, None] + tl.sum(tl.where(above, x[None, :], 0.0), 1)[None, :]
+
+
 @triton.jit(do_not_specialize=["nb_all", "n_parts"])
 def _lp_kernel(
     c_ptr, s_ptr, bins_ptr, lp_ptr, nb_all, n_parts,
-    GR: tl.constexpr, R: tl.constexpr, BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr,
+    GR: tl.constexpr, BINS: tl.constexpr, IB: tl.constexpr,
 ):  # fmt: skip
-    """max over grid intervals (PER per program) of the relaxation's bound t - c(t) for one radius set
-    and R of the GR query rows: on each interval the better of three dual multipliers (either
-    endpoint's, and the one balancing the endpoints), each evaluated at both endpoints
-    (``certkv.tv._relaxed``)."""
-    bh, gi = _row_program(GR, R)
+    """The divisible problem's maximum over the edges of the greedy's vertices (``certkv.tv._edges_max``)
+    for one query row and radius set, vertices (i, j) with i among the program's IB bins: bins below i
+    and above j in, i..j out; the edges move bin i or bin j in. Every sum is of non-negative terms (the
+    out-ranges by a scan along j, not by differences)."""
+    bh, gi = _row_program(GR, 1)
     which = tl.program_id(1)
-    group = tl.program_id(2)
+    i0 = tl.program_id(2) * IB
     k = tl.arange(0, BINS)
     red = tl.load(s_ptr + _summary_at(bh, gi, GR))
     _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
-    rm = tl.where(which == 0, rm_p, tl.where(which == 1, rm_h, rm_0))
-    binned = tl.zeros((R, BINS), tl.float64)
+    rm = tl.sum(tl.where(which == 0, rm_p, tl.where(which == 1, rm_h, rm_0)), 0)
+    mass = tl.zeros((BINS,), tl.float64)
     PC: tl.constexpr = 8
     for c0 in range(0, n_parts, PC):
-        c = (c0 + tl.arange(0, PC))[:, None, None]
-        at = (((bh * n_parts + c) * 3 + which) * GR + gi[None, :, None]) * BINS + k[None, None, :]
-        binned += tl.sum(tl.load(bins_ptr + at, mask=c < n_parts, other=0.0), 0)
-    rad = rm[:, None] * tl.load(c_ptr + C_RATIO + k)[None, :]
-    e_up, e_down = tl.exp(rad), tl.exp(-rad)
-    total_b = tl.sum(binned * e_down, 1)
-    tp = (tl.zeros_like(rm) + group * PER) / GRID
-    dem_p = tp * total_b
-    w_p = (1.0 - tp)[:, None] * e_up + tp[:, None] * e_down
-    lam_p = _dual(dem_p, w_p, binned)
-    relaxed = tl.full((R,), -float("inf"), tl.float64)
-    for i in range(group * PER + 1, group * PER + PER + 1):
-        t = (tl.zeros_like(rm) + i) / GRID
-        dem = t * total_b
-        w = (1.0 - t)[:, None] * e_up + t[:, None] * e_down
-        lam = _dual(dem, w, binned)
-        balance = (t - tp) / tl.maximum(dem - dem_p, 2.0**-60)
-        at_prev = tl.maximum(_objective(tp, lam_p, dem_p, w_p, binned), _objective(t, lam_p, dem, w, binned))
-        at_this = tl.maximum(_objective(tp, lam, dem_p, w_p, binned), _objective(t, lam, dem, w, binned))
-        at_bal = tl.maximum(_objective(tp, balance, dem_p, w_p, binned), _objective(t, balance, dem, w, binned))
-        relaxed = tl.maximum(relaxed, tl.minimum(tl.minimum(at_prev, at_this), at_bal))
-        tp, dem_p, w_p, lam_p = t, dem, w, lam
-    tl.store(lp_ptr + ((bh * 3 + which) * (GRID // PER) + group) * GR + gi, relaxed)
+        c = (c0 + tl.arange(0, PC))[:, None]
+        at = (((bh * n_parts + c) * 3 + which) * GR + tl.sum(gi, 0)) * BINS + k[None, :]
+        mass += tl.sum(tl.load(bins_ptr + at, mask=c < n_parts, other=0.0), 0)
+    rad = rm * tl.load(c_ptr + C_RATIO + k)
+    a, b = mass * tl.exp(rad), mass * tl.exp(-rad)
+    i = i0 + tl.arange(0, IB)
+    pick = i[:, None] == k[None, :]  # [IB, BINS]: bin i, by a one-hot sum (exact)
+    a_i, b_i = tl.sum(tl.where(pick, a[None, :], 0.0), 1), tl.sum(tl.where(pick, b[None, :], 0.0), 1)
+    m_i = tl.sum(tl.where(pick, mass[None, :], 0.0), 1)
+    b_prev = tl.sum(tl.where(k[:, None] == k[None, :] + 1, b[None, :], 0.0), 1)  # b of bin k - 1 (0 at k = 0)
+    below = k[None, :] < i[:, None]  # [IB, BINS]: bins below i
+    above = k[None, :] > k[:, None]  # [j, k]: bins above j
+    a0 = _in_sums(a, below, above)
+    m0 = _in_sums(mass, below, above)
+    # [i, j]: sum of b over i < k <= j (bin i moves) and over i <= k < j (bin j moves)
+    out_i = tl.cumsum(tl.where(k[None, :] > i[:, None], b[None, :], 0.0), 1)
+    out_j = tl.cumsum(tl.where(k[None, :] > i[:, None], b_prev[None, :], 0.0), 1)
+    moved_i = _edge_bound(a0, out_i, m0, a_i[:, None], b_i[:, None], m_i[:, None])
+    moved_j = _edge_bound(a0, out_j, m0, a[None, :], b[None, :], mass[None, :])
+    best = tl.where(k[None, :] >= i[:, None], tl.maximum(moved_i, moved_j), -float("inf"))
+    tl.store(lp_ptr + ((bh * 3 + which) * (BINS // IB) + tl.program_id(2)) * GR + gi, tl.max(tl.max(best, 1), 0))
 
 
 @triton.jit
-def _tv(lp_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr):
-    """``certkv.tv.tv_bound(..., divisible=True)``: min(tanh bound, relaxation + float64 slack)."""
-    group = tl.arange(0, GRID // PER)[:, None]
-    relaxed = tl.max(tl.load(lp_ptr + ((bh * 3 + which) * (GRID // PER) + group) * GR + gi[None, :]), 0)
+def _tv(lp_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, NG: tl.constexpr):
+    """``certkv.tv.tv_bound(..., divisible=True)``: min(tanh bound, edge maximum + float64 slack)."""
+    group = tl.arange(0, NG)[:, None]
+    edge_max = tl.max(tl.load(lp_ptr + ((bh * 3 + which) * NG + group) * GR + gi[None, :]), 0)
     base = _tanh_up(r_max, tl.load(c_ptr + C_U64))
     slack = tl.load(c_ptr + C_SLACK) * tl.exp(2.0 * rm) + 2.0**-45
     use = (r_max <= tl.load(c_ptr + C_RELAX)) & (total > 0)
-    return tl.minimum(tl.where(use, tl.minimum(base, tl.maximum(relaxed, 0.0) + slack), base), 1.0)
+    return tl.minimum(tl.where(use, tl.minimum(base, tl.maximum(edge_max, 0.0) + slack), base), 1.0)
 
 
 @triton.jit(do_not_specialize=["n_quant", "n_exact", "n_splits", "nb_split", "nb_all", "n_parts"])
@@ -612,7 +609,7 @@ def _final_kernel(
     m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, lp_ptr, out_ptr, fields_ptr,
     n_quant, n_exact, n_splits, nb_split, nb_all, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
-    BINS: tl.constexpr, GRID: tl.constexpr, PER: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
+    BINS: tl.constexpr, NG: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
     N_FIELDS: tl.constexpr, R: tl.constexpr,
 ):  # fmt: skip
     bh, gi = _row_program(GR, R)
@@ -654,9 +651,9 @@ def _final_kernel(
     eta_lo = _slots(red, S_VEC + 2 * NVG, NS2, NVG)
     eta_lo = tl.where((n_exact > 0) | (n_quant == 0), 0.0, eta_lo)  # exact tokens carry no value error
     rmax_p, rmax_h, rmax_0, rm_p, rm_h, rm_0, _, total = _radius_sets(red, c_ptr, nb_all, NS2, BINS)
-    tv_p = _tv(lp_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, GRID, PER)
-    tv_h = _tv(lp_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, GRID, PER)
-    tv_0 = _tv(lp_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, GRID, PER)
+    tv_p = _tv(lp_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, NG)
+    tv_h = _tv(lp_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, NG)
+    tv_0 = _tv(lp_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, NG)
 
     # ---- the terms: TV forms, the kernel's rounding, per channel; then the fields ----
     dust_max = tl.load(c_ptr + C_DUSTMAX)
@@ -773,10 +770,7 @@ def certify(
     stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
     summary = torch.empty(bh, NSUM, gr, **f64)  # type: ignore[arg-type]
     bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
-    rows = min(LP_ROWS, gr)
-    few = bh * (gr // rows) * 3 * (GRID // LP_INTERVALS["few"]) <= LP_MANY
-    per = LP_INTERVALS["few"] if few else LP_INTERVALS["many"]
-    lp = torch.empty(bh, 3, GRID // per, gr, **f64)  # type: ignore[arg-type]
+    lp = torch.empty(bh, 3, BINS // LP_BINS, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, ar, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
     esub = blk // etok  # exact chunks (scales-pass programs) per exact block
@@ -802,15 +796,15 @@ def certify(
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
         **EXACT_OPS,
     )  # fmt: skip
-    _lp_kernel[(bh * (gr // rows), 3, GRID // per)](
+    _lp_kernel[(bh * gr, 3, BINS // LP_BINS)](
         consts, summary, bins, lp, nb_all, n_parts,
-        GR=gr, R=rows, BINS=BINS, GRID=GRID, PER=per, num_warps=WARPS["lp"], **EXACT_OPS,
+        GR=gr, BINS=BINS, IB=LP_BINS, num_warps=WARPS["lp"], **EXACT_OPS,
     )  # fmt: skip
     final_rows = min(FINAL_ROWS, gr)
     _final_kernel[(bh * (gr // final_rows),)](
         p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, GRID=GRID, PER=per, NSTAT=nstat,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, NG=BINS // LP_BINS, NSTAT=nstat,
         NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, R=final_rows, num_warps=WARPS["final"],
         **EXACT_OPS,
     )  # fmt: skip

@@ -47,13 +47,12 @@ def test_fused_epilogue_is_its_reference(dtype, precision, launch, shape, splits
     assert all(math.isfinite(x) for x in fused[1].output_bound.flatten().tolist())
 
 
-@pytest.mark.parametrize("rows, many", [(2, False), (4, True)])
-def test_programs_of_more_query_rows_give_the_same_certificate(monkeypatch, rows, many):
-    # the relaxation and the final pass serve one query row per program, and the relaxation's grid
-    # intervals 4 per program at these sizes (8 on a larger grid): any numbers give the same
-    monkeypatch.setattr(epilogue, "LP_ROWS", rows)
+@pytest.mark.parametrize("rows, lp_bins", [(2, 32), (4, 4)])
+def test_other_program_shapes_give_the_same_certificate(monkeypatch, rows, lp_bins):
+    # the final pass serves one query row per program and the edge maximum LP_BINS vertex rows per
+    # program: any numbers give the same
     monkeypatch.setattr(epilogue, "FINAL_ROWS", rows)
-    monkeypatch.setattr(epilogue, "LP_MANY", 0 if many else epilogue.LP_MANY)
+    monkeypatch.setattr(epilogue, "LP_BINS", lp_bins)
     dtype, precision, launch, (b, hkv, g, n), splits, q_scale = CASES[5]  # 4 query rows per KV head
     cache = cache_of(b, hkv, n, dtype, seed=n)
     q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE).reshape(b, hkv, g, 128)

@@ -20,6 +20,8 @@ Both functions return U with TV(p, pi) <= U for every such p.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from certkv.rounding import U64, gamma
@@ -67,10 +69,11 @@ def _edge_bound(
     return a * inv - (m0 + theta * mf) + slope.clamp(min=0) * (1 - theta) + (-slope).clamp(min=0) * theta
 
 
+@functools.lru_cache(maxsize=8)
 def _edges(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index masks over bins: before [i, k] = k < i, after [j, k] = k > j, and the out-ranges of the two
-    edges of vertex (i, j) without their moving bin, [i, j, k]: i < k <= j (bin i moves) and i <= k < j
-    (bin j moves)."""
+    """Index masks over bins, built once per bin count and device (never written to): before [i, k] =
+    k < i, after [j, k] = k > j, and the out-ranges of the two edges of vertex (i, j) without their moving
+    bin, [i, j, k]: i < k <= j (bin i moves) and i <= k < j (bin j moves)."""
     idx = torch.arange(k, device=device)
     i, j, kk = idx[:, None, None], idx[None, :, None], idx[None, None, :]
     before = (idx[None, :] < idx[:, None]).double()

@@ -585,8 +585,9 @@ def _lp_kernel(
     a0 = _in_sums(a, below, above)
     m0 = _in_sums(mass, below, above)
     # [i, j]: sum of b over i < k <= j (bin i moves) and over i <= k < j (bin j moves)
-    out_i = tl.cumsum(tl.where(k[None, :] > i[:, None], b[None, :], 0.0), 1)
-    out_j = tl.cumsum(tl.where(k[None, :] > i[:, None], b_prev[None, :], 0.0), 1)
+    past_i = k[None, :] > i[:, None]
+    out_i = tl.cumsum(tl.where(past_i, b[None, :], 0.0), 1)
+    out_j = tl.cumsum(tl.where(past_i, b_prev[None, :], 0.0), 1)
     moved_i = _edge_bound(a0, out_i, m0, a_i[:, None], b_i[:, None], m_i[:, None])
     moved_j = _edge_bound(a0, out_j, m0, a[None, :], b[None, :], mass[None, :])
     best = tl.where(k[None, :] >= i[:, None], tl.maximum(moved_i, moved_j), -float("inf"))

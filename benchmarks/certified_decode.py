@@ -14,9 +14,10 @@ stage-0 bound is recorded beside it. Any violation fails the run.
 ``bench``: at B in {1, 8}, H_q/H_kv = 32/8, contexts 8K, 32K, 128K (FP16, or BF16 with ``--dtype
 bfloat16``), median times (triton.testing.do_bench) eager and as replayed CUDA graphs of: SDPA on the
 16-bit cache; the kernel without and with its certificate statistics (the overhead); the fused epilogue
-(``certkv.kernels.epilogue``); the whole certified step (kernel and fused epilogue); and, eager, the
-torch epilogue it replaces (``certkv.streaming.certify``), with the largest relative difference of
-the two certificates. Writes ``certified_decode.json`` (BF16: ``certified_decode_bfloat16.json``).
+(``certkv.kernels.epilogue``); the whole certified step (``kernel_step``: the kernel and the fused
+epilogue); and, eager, the torch epilogue it replaces (``certkv.streaming.certify``), with the largest
+relative difference of the two certificates. Writes ``certified_decode.json`` (BF16:
+``certified_decode_bfloat16.json``).
 """
 
 from __future__ import annotations
@@ -119,11 +120,6 @@ def _epilogue_args(qg, t1, scale, v_min, v_max, out_dtype, launch: dict) -> tupl
     return qg, t1, parts, scale, launch["precision"], v_min, v_max, out_dtype, bool(launch.get("deq16", False))
 
 
-def _step(qg, t1, scale, v_min, v_max, launch: dict):
-    """One certified stage-0 step: the kernel with its statistics, then the fused epilogue."""
-    return epilogue.certify(*_epilogue_args(qg, t1, scale, v_min, v_max, qg.dtype, launch))
-
-
 def _compare_epilogues(args: tuple) -> tuple:
     """Both epilogues on the same statistics: the fused certificate, the largest relative difference
     of their fields and whether the outputs are equal."""
@@ -161,7 +157,7 @@ def speed(gen: torch.Generator, contexts: list[int], batches: list[int], dtype: 
                         row[f"{name}{'_cert' if cert else ''}_ms_{tag}"] = bench(fn, graph)
                     args = _epilogue_args(qg, t1, scale, v_min, v_max, dtype, launch)
                     row[f"{name}_fused_epilogue_ms_{tag}"] = bench(functools.partial(epilogue.certify, *args), graph)
-                    step = functools.partial(_step, qg, t1, scale, v_min, v_max, launch)
+                    step = functools.partial(kernel_step, qg, t1, scale, v_min, v_max, launch)
                     row[f"{name}_step_ms_{tag}"] = bench(step, graph)
             for name, launch in LAUNCHES[dtype].items():
                 args = _epilogue_args(qg, t1, scale, v_min, v_max, dtype, launch)

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from certkv.kernels import epilogue
 from certkv.kernels.decode import decode_partials, splits_for
 
-from benchmarks.certified_decode import _epilogue_args, _step
+from benchmarks.certified_decode import _epilogue_args
 from benchmarks.decode_bench import HKV, HQ, D, bench, tier1
-from certkv.streaming import serving_launch
+from certkv.streaming import kernel_step, serving_launch
 
 DTYPES = (torch.float16, torch.bfloat16)
 # (cache dtype, name): launch options, splits per (row, KV head) to try
@@ -94,7 +94,7 @@ def sweep(b: int, n: int, gen: torch.Generator, parts: list[str], record) -> Non
         steps = {"serving": serving_launch(dtype), **STEPS[dtype]} if "steps" in parts else {}
         for name, launch in steps.items():
             kernel = functools.partial(decode_partials, qg, t1, scale, cert=True, **launch)
-            step = functools.partial(_step, qg, t1, scale, v_min, v_max, launch)
+            step = functools.partial(kernel_step, qg, t1, scale, v_min, v_max, launch)
             record(what="step", dtype=str(dtype), launch=name, options=str(launch),
                    splits=splits_for(b * HKV, t1.kc.shape[2], int(launch["block"])),  # type: ignore[call-overload]
                    kernel_ms=bench(kernel, graph=True), step_ms=bench(step, graph=True),

@@ -9,7 +9,9 @@ query rows of the final pass, bins per program of the edge maximum). Writes
 ``profile_epilogue_NAME.json``. Earlier runs kept beside them: ``profile_epilogue_lp_v1.json``,
 ``profile_epilogue_lprows.json``, ``profile_epilogue_lp.json`` (the grid relaxation the edge maximum
 replaced: warps, intervals and query rows per program), ``profile_epilogue_regs.json`` (register
-limits per kernel through Triton's ``maxnreg``, since removed).
+limits per kernel through Triton's ``maxnreg``, since removed). The edge maximum's launch was
+``_lp_kernel`` until session 13, so files before then key its time "lp" (and its settings "lp.bins",
+"warps.lp"); it is "edges" since.
 """
 
 from __future__ import annotations
@@ -27,20 +29,26 @@ from benchmarks.certified_decode import _epilogue_args
 from benchmarks.decode_bench import HKV, HQ, D, tier1
 from certkv.streaming import serving_launch
 
-# each shape: settings of epilogue.WARPS / STEP / PROGRAMS and of its LP_BINS ("lp.bins") and FINAL_ROWS
-# ("final.rows"); the defaults elsewhere. ``--sweep NAME`` runs one list and writes profile_epilogue_NAME.json.
+# each shape: settings of epilogue.WARPS / STEP / PROGRAMS and of the module's constants in MODULE; the
+# defaults elsewhere. ``--sweep NAME`` runs one list and writes profile_epilogue_NAME.json.
 SWEEPS = {
     "blocks": [{"warps.blocks": w, "step.blocks": cb, "step.tokens": tok, "programs.blocks": p}
                for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]
-              + [{"warps.lp": 16}],
-    "edges": [{"lp.bins": ib, "warps.lp": w} for ib, w in itertools.product((4, 8, 16, 32), (1, 2, 4))],
+              + [{"warps.edges": 16}],
+    "edges": [{"edges.bins": ib, "warps.edges": w} for ib, w in itertools.product((4, 8, 16, 32), (1, 2, 4))],
     "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
     "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
     "parts": [{"programs.blocks": p, "step.blocks": cb} for p, cb in itertools.product((132, 264, 528), (8, 16, 32))],
     "scales": [{"warps.scales": w, "step.tokens": t} for w, t in itertools.product((1, 2, 4), (8, 16, 32))],
+    "chunk": [{"chunk.least": least, "step.blocks": min(least, 16), "step.bins": cb}
+              for least, cb in itertools.product((8, 16, 32), (8, 16))],
     "onewarp": [{}, {"warps.bins": 1}, {"warps.bins": 1, "step.bins": 8}, {"warps.bins": 1, "step.bins": 32},
                 {"warps.blocks": 1}, {"warps.final": 1}, {"warps.final": 2}],
 }  # fmt: skip
+
+
+# shape keys that set one of the module's constants
+MODULE = {"edges.bins": "EDGE_BINS", "final.rows": "FINAL_ROWS", "chunk.least": "CHUNK_LEAST"}
 
 
 def _apply(shape: dict[str, int]) -> dict[str, int]:
@@ -53,8 +61,8 @@ def _apply(shape: dict[str, int]) -> dict[str, int]:
     old = {}
     for key, value in shape.items():
         table, name = key.split(".")
-        if table in ("lp", "final"):  # the module's LP_BINS, FINAL_ROWS
-            attr = f"{table.upper()}_{name.upper()}"
+        if key in MODULE:
+            attr = MODULE[key]
             old[key] = getattr(epilogue, attr)
             setattr(epilogue, attr, value)
         else:

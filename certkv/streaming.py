@@ -378,16 +378,25 @@ def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]
 
 
 def kernel_step(
-    q: torch.Tensor, t1: object, scale: float, v_min: torch.Tensor, v_max: torch.Tensor
+    q: torch.Tensor,
+    t1: object,
+    scale: float,
+    v_min: torch.Tensor,
+    v_max: torch.Tensor,
+    launch: dict[str, object] | None = None,
 ) -> tuple[torch.Tensor, Certificate]:
-    """Stage 0 through the decode kernel: one launch with ``cert=True`` (``serving_launch``), then
-    this module's epilogue fused into five more (``certkv.kernels.epilogue``, which ``certify`` above
-    is the reference of). q [B, H_kv, G, D] (16-bit); returns the output in q's dtype and the
-    certificate (fields [B, H_kv, G])."""
+    """Stage 0 through the decode kernel: one launch with ``cert=True`` (``serving_launch``, or
+    ``launch``), then this module's epilogue fused into five more (``certkv.kernels.epilogue``, which
+    ``certify`` above is the reference of). q [B, H_kv, G, D] (16-bit); returns the output in q's dtype
+    and the certificate (fields [B, H_kv, G]).
+
+    The launches run one after another on the current stream. (The epilogue's first launch needs only
+    the query and the cache; on a second stream beside the kernel it made the step 9-20 us slower as a
+    CUDA graph on the H100: docs/benchmarks.md.)"""
     from certkv.kernels import epilogue
     from certkv.kernels.decode import decode_partials
 
-    launch = serving_launch(q.dtype, q.shape[-1])
+    launch = serving_launch(q.dtype, q.shape[-1]) if launch is None else launch
     partials = decode_partials(q, t1, scale, cert=True, **launch)  # type: ignore[arg-type]
     precision, deq16 = str(launch["precision"]), bool(launch.get("deq16", False))
     return epilogue.certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype, deq16)  # type: ignore[arg-type]

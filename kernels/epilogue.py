@@ -16,7 +16,7 @@ whatever the context): more than the decode kernel itself. Here the same float64
    of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
    the maxima over all parts (each program reduces the parts' radius-set slots in one pass; the
    first stores them for the next launch);
-4. ``_lp_kernel`` (batch row x head x query row, radius set, LP_BINS of the bins): the maximum of the
+4. ``_edges_kernel`` (batch row x head x query row, radius set, EDGE_BINS of the bins): the maximum of the
    divisible problem over the edges of the greedy's vertices (``certkv.tv._edges_max``), exact up to
    rounding; the vertices (i, j) with i among the program's bins;
 5. ``_final_kernel`` (batch row x head x query row): the splits merged into the output, all the
@@ -58,17 +58,21 @@ NSUM = tl.constexpr(8)  # slots 0-7 hold all the radius sets need (the binning p
 N_FIELDS = len(streaming.BOUND_FIELDS)
 # warps per kernel (measured on the H100, docs/benchmarks.md: four for the edge maximum's [8, 32] tiles,
 # one for the final pass; two for the block and binning passes)
-WARPS = {"scales": 1, "blocks": 2, "bins": 2, "lp": 4, "final": 1}
+WARPS = {"scales": 1, "blocks": 2, "bins": 2, "edges": 4, "final": 1}
 # blocks per loop iteration of the block pass (a chunk is a whole number of block steps), exact tokens
 # per program of the scales pass
 STEP = {"blocks": 16, "bins": 16, "tokens": 8}
 PROGRAMS = {"blocks": 528}  # programs of the block and binning passes (about four per SM of an H100)
-# quantized blocks per part at the least: every binning program, the edge maximum and the final pass
-# reduce over the parts (H100, 128K: 528 parts of 16 blocks at B = 1 binned in 27 us, 256 of 32 in 14)
-CHUNK_LEAST = 32
+# quantized blocks per part at the least, and quantized parts per (row, head) at the most: every binning
+# program, the edge maximum and the final pass reduce over a (row, head)'s parts, so many parts cost
+# (H100, B = 1, 128K: 64 parts of 16 blocks per head binned in 27 us, 32 of 32 in 14), while few parts
+# leave the GPU idle where there are few blocks (B = 1, 8K: 4 parts of 16 blocks 7.7 us, 2 of 32 10.0;
+# profile_epilogue_chunk.json)
+CHUNK_LEAST = 16
+MOST_PARTS = 32
 # bins i of the edge maximum's vertices (i, j) per program, a divisor of BINS (H100, 4 warps, 8K: 6.2 us at
 # B = 1, 26.1 at B = 8; 16 bins 7.6 / 25.5, 4 bins 8.6 / 47.2; profile_epilogue_edges.json)
-LP_BINS = 8
+EDGE_BINS = 8
 FINAL_ROWS = 1  # query rows per program of the final pass
 
 
@@ -552,8 +556,8 @@ def _in_sums(x, below, above):
 
 
 @triton.jit(do_not_specialize=["nb_all", "n_parts"])
-def _lp_kernel(
-    c_ptr, s_ptr, bins_ptr, lp_ptr, nb_all, n_parts,
+def _edges_kernel(
+    c_ptr, s_ptr, bins_ptr, edge_ptr, nb_all, n_parts,
     GR: tl.constexpr, BINS: tl.constexpr, IB: tl.constexpr,
 ):  # fmt: skip
     """The divisible problem's maximum over the edges of the greedy's vertices (``certkv.tv._edges_max``)
@@ -591,14 +595,14 @@ def _lp_kernel(
     moved_i = _edge_bound(a0, out_i, m0, a_i[:, None], b_i[:, None], m_i[:, None])
     moved_j = _edge_bound(a0, out_j, m0, a[None, :], b[None, :], mass[None, :])
     best = tl.where(k[None, :] >= i[:, None], tl.maximum(moved_i, moved_j), -float("inf"))
-    tl.store(lp_ptr + ((bh * 3 + which) * (BINS // IB) + tl.program_id(2)) * GR + gi, tl.max(tl.max(best, 1), 0))
+    tl.store(edge_ptr + ((bh * 3 + which) * (BINS // IB) + tl.program_id(2)) * GR + gi, tl.max(tl.max(best, 1), 0))
 
 
 @triton.jit
-def _tv(lp_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, NG: tl.constexpr):
+def _tv(edge_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, NG: tl.constexpr):
     """``certkv.tv.tv_bound(..., divisible=True)``: min(tanh bound, edge maximum + float64 slack)."""
     group = tl.arange(0, NG)[:, None]
-    edge_max = tl.max(tl.load(lp_ptr + ((bh * 3 + which) * NG + group) * GR + gi[None, :]), 0)
+    edge_max = tl.max(tl.load(edge_ptr + ((bh * 3 + which) * NG + group) * GR + gi[None, :]), 0)
     base = _tanh_up(r_max, tl.load(c_ptr + C_U64))
     slack = tl.load(c_ptr + C_SLACK) * tl.exp(2.0 * rm) + 2.0**-45
     use = (r_max <= tl.load(c_ptr + C_RELAX)) & (total > 0)
@@ -607,7 +611,7 @@ def _tv(lp_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, NG: tl
 
 @triton.jit(do_not_specialize=["n_quant", "n_exact", "n_splits", "nb_split", "nb_all", "n_parts"])
 def _final_kernel(
-    m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, lp_ptr, out_ptr, fields_ptr,
+    m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, edge_ptr, out_ptr, fields_ptr,
     n_quant, n_exact, n_splits, nb_split, nb_all, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
     BINS: tl.constexpr, NG: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
@@ -652,9 +656,9 @@ def _final_kernel(
     eta_lo = _slots(red, S_VEC + 2 * NVG, NS2, NVG)
     eta_lo = tl.where((n_exact > 0) | (n_quant == 0), 0.0, eta_lo)  # exact tokens carry no value error
     rmax_p, rmax_h, rmax_0, rm_p, rm_h, rm_0, _, total = _radius_sets(red, c_ptr, nb_all, NS2, BINS)
-    tv_p = _tv(lp_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, NG)
-    tv_h = _tv(lp_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, NG)
-    tv_0 = _tv(lp_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, NG)
+    tv_p = _tv(edge_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, NG)
+    tv_h = _tv(edge_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, NG)
+    tv_0 = _tv(edge_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, NG)
 
     # ---- the terms: TV forms, the kernel's rounding, per channel; then the fields ----
     dust_max = tl.load(c_ptr + C_DUSTMAX)
@@ -725,10 +729,11 @@ def _final_kernel(
     tl.store(f + 7, rp_max, mask=row)
 
 
-def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int, least: int) -> int:
+def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int, least: int, most_parts: int) -> int:
     """Quantized blocks per program of the block passes: about ``target_programs`` in all, a multiple
-    of ``per`` and at least ``least`` (itself a multiple of ``per``)."""
-    want = -(-n_blocks * batch_heads // target_programs)
+    of ``per``, at least ``least`` (itself a multiple of ``per``) and few enough that each of the
+    ``batch_heads`` (row, head)s' ``n_blocks`` make at most ``most_parts`` programs."""
+    want = max(-(-n_blocks * batch_heads // target_programs), -(-n_blocks // most_parts))
     return max(least, -(-want // per) * per)
 
 
@@ -758,7 +763,7 @@ def certify(
     nb_all = p.bmass.shape[1]
     assert nb_all == block_count(n_quant, tuple(counts), blk) and d % VALUE_GROUP == 0
     nb_split = max(p.chunk // blk, block_count(0, tuple(counts), blk), 1)
-    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"], PROGRAMS["blocks"], CHUNK_LEAST)
+    chunk = chunks_for(bh, n_quant // blk, STEP["blocks"], PROGRAMS["blocks"], CHUNK_LEAST, MOST_PARTS)
     n_chunks = -(-(n_quant // blk) // chunk)
     n_parts = n_chunks + nb_all - n_quant // blk  # the quantized chunks, then one part per exact block
     gr = triton.next_power_of_2(g)
@@ -771,7 +776,7 @@ def certify(
     stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
     summary = torch.empty(bh, NSUM, gr, **f64)  # type: ignore[arg-type]
     bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
-    lp = torch.empty(bh, 3, BINS // LP_BINS, gr, **f64)  # type: ignore[arg-type]
+    edge = torch.empty(bh, 3, BINS // EDGE_BINS, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, ar, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
     esub = blk // etok  # exact chunks (scales-pass programs) per exact block
@@ -797,15 +802,15 @@ def certify(
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
         **EXACT_OPS,
     )  # fmt: skip
-    _lp_kernel[(bh * gr, 3, BINS // LP_BINS)](
-        consts, summary, bins, lp, nb_all, n_parts,
-        GR=gr, BINS=BINS, IB=LP_BINS, num_warps=WARPS["lp"], **EXACT_OPS,
+    _edges_kernel[(bh * gr, 3, BINS // EDGE_BINS)](
+        consts, summary, bins, edge, nb_all, n_parts,
+        GR=gr, BINS=BINS, IB=EDGE_BINS, num_warps=WARPS["edges"], **EXACT_OPS,
     )  # fmt: skip
     final_rows = min(FINAL_ROWS, gr)
     _final_kernel[(bh * (gr // final_rows),)](
-        p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, lp, out, fields,
+        p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, edge, out, fields,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
-        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, NG=BINS // LP_BINS, NSTAT=nstat,
+        G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, NG=BINS // EDGE_BINS, NSTAT=nstat,
         NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, R=final_rows, num_warps=WARPS["final"],
         **EXACT_OPS,
     )  # fmt: skip

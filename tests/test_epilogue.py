@@ -47,12 +47,12 @@ def test_fused_epilogue_is_its_reference(dtype, precision, launch, shape, splits
     assert all(math.isfinite(x) for x in fused[1].output_bound.flatten().tolist())
 
 
-@pytest.mark.parametrize("rows, lp_bins", [(2, 32), (4, 4)])
-def test_other_program_shapes_give_the_same_certificate(monkeypatch, rows, lp_bins):
-    # the final pass serves one query row per program and the edge maximum LP_BINS vertex rows per
+@pytest.mark.parametrize("rows, edge_bins", [(2, 32), (4, 4)])
+def test_other_program_shapes_give_the_same_certificate(monkeypatch, rows, edge_bins):
+    # the final pass serves one query row per program and the edge maximum EDGE_BINS vertex rows per
     # program: any numbers give the same
     monkeypatch.setattr(epilogue, "FINAL_ROWS", rows)
-    monkeypatch.setattr(epilogue, "LP_BINS", lp_bins)
+    monkeypatch.setattr(epilogue, "EDGE_BINS", edge_bins)
     dtype, precision, launch, (b, hkv, g, n), splits, q_scale = CASES[5]  # 4 query rows per KV head
     cache = cache_of(b, hkv, n, dtype, seed=n)
     q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE).reshape(b, hkv, g, 128)
@@ -62,7 +62,7 @@ def test_other_program_shapes_give_the_same_certificate(monkeypatch, rows, lp_bi
 @pytest.mark.parametrize("case", [2, 5])
 def test_many_parts_give_the_same_certificate(monkeypatch, case):
     # served chunks are 32+ blocks (one part at these sizes): parts of 2 blocks exercise the reductions
-    # over parts in the binning, relaxation and final passes
+    # over parts in the binning, edge-maximum and final passes
     monkeypatch.setitem(epilogue.STEP, "blocks", 2)
     monkeypatch.setattr(epilogue, "CHUNK_LEAST", 2)
     dtype, precision, launch, (b, hkv, g, n), splits, q_scale = CASES[case]

@@ -88,7 +88,7 @@ def test_every_certkv_launch_compiles_without_contraction(monkeypatch):
     from tests.test_streaming import SCALE, cache_of
 
     kernels = [append._append_kernel, decode._decode_kernel]
-    kernels += [getattr(epilogue, f"_{name}_kernel") for name in ("scales", "blocks", "bins", "lp", "final")]
+    kernels += [getattr(epilogue, f"_{name}_kernel") for name in ("scales", "blocks", "bins", "edges", "final")]
     fusion: dict[str, object] = {}
     for kernel in kernels:
 

@@ -39,20 +39,22 @@ VARIANTS = {
 }
 
 
-def tier1(b: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[Tier1, torch.Tensor, torch.Tensor]:
-    """Random Tier-1 tensors and the FP16 cache they dequantize to (k, v [B, HKV, n, D])."""
+def tier1(
+    b: int, n: int, dtype: torch.dtype, gen: torch.Generator, d: int = D
+) -> tuple[Tier1, torch.Tensor, torch.Tensor]:
+    """Random Tier-1 tensors and the 16-bit cache they dequantize to (k, v [B, HKV, n, d])."""
     nq = n - SINKS - WINDOW
     dev = "cuda"
 
     def r(*shape: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
         return (torch.rand(*shape, generator=gen, device=dev) * (hi - lo) + lo).to(dtype)
 
-    kc = torch.randint(0, 256, (b, HKV, nq, D), generator=gen, device=dev, dtype=torch.uint8)
-    vc = torch.randint(0, 256, (b, HKV, nq, D // 2), generator=gen, device=dev, dtype=torch.uint8)
+    kc = torch.randint(0, 256, (b, HKV, nq, d), generator=gen, device=dev, dtype=torch.uint8)
+    vc = torch.randint(0, 256, (b, HKV, nq, d // 2), generator=gen, device=dev, dtype=torch.uint8)
     t1 = Tier1(
-        kc, r(b, HKV, nq // 128, D, lo=1e-3, hi=2e-2), r(b, HKV, nq // 128, D, lo=-2.0, hi=0.0),
-        vc, r(b, HKV, nq, D // 64, lo=1e-2, hi=1e-1), r(b, HKV, nq, D // 64, lo=-1.0, hi=0.0),
-        r(b, HKV, SINKS, D), r(b, HKV, SINKS, D), r(b, HKV, WINDOW, D), r(b, HKV, WINDOW, D),
+        kc, r(b, HKV, nq // 128, d, lo=1e-3, hi=2e-2), r(b, HKV, nq // 128, d, lo=-2.0, hi=0.0),
+        vc, r(b, HKV, nq, d // 64, lo=1e-2, hi=1e-1), r(b, HKV, nq, d // 64, lo=-1.0, hi=0.0),
+        r(b, HKV, SINKS, d), r(b, HKV, SINKS, d), r(b, HKV, WINDOW, d), r(b, HKV, WINDOW, d),
     )  # fmt: skip
     k = t1.quantized_keys().dequantize().to(dtype)
     v = t1.quantized_values().dequantize().to(dtype)

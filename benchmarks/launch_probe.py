@@ -38,6 +38,10 @@ SETS: dict[str, dict[str, dict[str, object]]] = {
         "off_w2_b64": {"tma": "off", "num_warps": 2, "block": 64},
         "off_w2_s3": {"tma": "off", "num_warps": 2, "num_stages": 3},
     },
+    "blocks": {
+        "b64": {"block": 64}, "b64_p792": {"block": 64, "programs": 792}, "b64_p3168": {"block": 64, "programs": 3168},
+        "b32": {"block": 32},
+    },
     "two_warps": {
         "w2": {"num_warps": 2}, "w2_p792": {"num_warps": 2, "programs": 792},
         "w2_nocap_p792": {"num_warps": 2, "maxnreg": None, "programs": 792},

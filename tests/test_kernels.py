@@ -120,11 +120,14 @@ def test_codes_through_tma_descriptors_give_the_same_partials_bit_for_bit(dtype,
 def test_serving_tiles_never_exceed_the_bytes_of_the_d128_tiles():
     # shared memory per stage grows with block x D: above D = 128 the serving blocks shrink so that the
     # tiles measured to fit at D = 128 bound them (D = 256 at 128-token blocks needs 143 KB), and no
-    # further than that (twice the block would exceed it); FP16 and BF16 caches take the same launch
+    # further than that (twice the block would exceed it); D = 64 takes smaller tiles still (measured
+    # faster); FP16 and BF16 caches take the same launch
     for d in (64, 128, 256, 512, 1024):
         block = serving_launch(torch.float16, d)["block"]
         assert isinstance(block, int) and 128 % block == 0
-        assert block * max(d, 128) <= 128 * 128 < 2 * block * max(d, 128)
+        assert block * d <= 128 * 128
+        if d >= 128:
+            assert 2 * block * d > 128 * 128
         assert serving_launch(torch.bfloat16, d) == serving_launch(torch.float16, d)
     with pytest.raises(ValueError, match="FP16 and BF16"):
         serving_launch(torch.float32)

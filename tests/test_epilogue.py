@@ -61,7 +61,7 @@ def test_other_program_shapes_give_the_same_certificate(monkeypatch, rows, edge_
 
 @pytest.mark.parametrize("case", [2, 5])
 def test_many_parts_give_the_same_certificate(monkeypatch, case):
-    # served chunks are 32+ blocks (one part at these sizes): parts of 2 blocks exercise the reductions
+    # served chunks are 16+ blocks (one part at these sizes): parts of 2 blocks exercise the reductions
     # over parts in the binning, edge-maximum and final passes
     monkeypatch.setitem(epilogue.STEP, "blocks", 2)
     monkeypatch.setattr(epilogue, "CHUNK_LEAST", 2)
@@ -114,3 +114,17 @@ def test_promoted_tokens_through_the_fused_epilogue():
     ref, fused = both(cache, q.reshape(1, 2, 2, 128), "fp16", splits=2, block=32)
     assert_same(ref, fused)
     assert_sound(cache, 0, q.cpu(), served_result(cache, *fused))
+
+
+@pytest.mark.parametrize("bh", [1, 8, 64, 512])
+@pytest.mark.parametrize("n_blocks", [1, 15, 64, 256, 1024, 4096])
+def test_parts_are_whole_steps_at_least_the_least_and_at_most_most_parts_per_head(bh, n_blocks):
+    per, target, least, most = 16, 528, 16, 32
+    chunk = epilogue.chunks_for(bh, n_blocks, per, target, least, most)
+    parts = -(-n_blocks // chunk)
+    assert chunk % per == 0 and chunk >= least and parts <= most
+    # no longer than needed: one step shorter would make more than ``target`` programs in all or more
+    # than ``most`` parts per head
+    if chunk > least:
+        shorter = chunk - per
+        assert shorter * target < n_blocks * bh or shorter * most < n_blocks

@@ -235,8 +235,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     result["speed"] = [] if args.skip_speed else speed(gen, args.contexts, args.batches, dtype, d)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if dtype == torch.float16 else f"_{args.dtype}") + ("" if d == D else f"_d{d}")
-    name = f"certified_check{'' if d == D else f'_d{d}'}.json" if args.skip_speed else f"certified_decode{suffix}.json"
+    size = "" if d == D else f"_d{d}"
+    cast = "" if dtype == torch.float16 else f"_{args.dtype}"
+    name = f"certified_check{size}.json" if args.skip_speed else f"certified_decode{cast}{size}.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     for r in result["speed"]:
         sdpa_g, sdpa_e = r["sdpa_ms_graph"] * 1e3, r["sdpa_ms_eager"] * 1e3

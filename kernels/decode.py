@@ -191,7 +191,7 @@ def _q_chunk(q_ptr, bh, gi, c: tl.constexpr, G: tl.constexpr, D: tl.constexpr, K
 
 @triton.jit
 def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz, first, n0, rows, ok, skip,
-           bmass_ptr, bframe_ptr, at, qk_scale,
+           bmass_ptr, bframe_ptr, at, real, qk_scale,
            D: tl.constexpr, KCH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, HALVES: tl.constexpr,
            QUANTIZED: tl.constexpr, MASKED: tl.constexpr, CERT: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """One block of tokens into the online softmax: logits over KCH chunks of channels on one chained
@@ -199,7 +199,7 @@ def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz,
     value accumulators: HALVES (the tensor-core launches) four, the even and odd channels of each half of
     the channels; otherwise ("fma") one in channel order (four ran 1.8x slower there). MASKED: tokens where
     ``skip`` is set (promoted, padding, free slots) get no weight. CERT: the block's weight sum and frame
-    go to ``at`` and the rescale is counted (docs/theory.md section 8)."""
+    go to ``at`` (the rows where ``real``) and the rescale is counted (docs/theory.md section 8)."""
     t = _mma(q0, tl.trans(_key_chunk(k_src, ks, kz, first, n0, rows, ok, 0, D, KCH, DT, QUANTIZED, TMA)), PRECISION)
     if KCH == 2:
         k1 = _key_chunk(k_src, ks, kz, first, n0, rows, ok, 1, D, KCH, DT, QUANTIZED, TMA)
@@ -232,8 +232,8 @@ def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz,
         values = tl.reshape(tl.join(even, odd), (rows.shape[0], D))  # [BLOCK_N, D/2, 2]: channel order
         a0 = a0 * alpha[:, None] + _mma(p, values, PRECISION)
     if CERT:
-        tl.store(bmass_ptr + at, block_sum)
-        tl.store(bframe_ptr + at, m_frame)
+        tl.store(bmass_ptr + at, block_sum, mask=real)
+        tl.store(bframe_ptr + at, m_frame, mask=real)
         resc += ((m_new > m) & (m > -float("inf"))).to(tl.int32)
     return m_new, l_sum, a0, a1, a2, a3, resc
 
@@ -255,6 +255,7 @@ def _decode_kernel(
     bh = tl.program_id(0)
     split = tl.program_id(1)
     gi = tl.arange(0, GP)
+    real = gi < G  # the GQA rows; the padding rows' results are not stored (no reader)
     rows = tl.arange(0, BLOCK_N)
     # the query's channel chunks, loaded once (KCH = 1: q1 unused)
     q0 = _q_chunk(q_ptr, bh, gi, 0, G, D, KCH)
@@ -291,7 +292,8 @@ def _decode_kernel(
             at = (bh * n_blocks + n0 // BLOCK_N) * GP + gi
             m, l_sum, a0, a1, a2, a3, resc = _block(
                 q0, q1, m, l_sum, a0, a1, a2, a3, resc, kc, ks, kz, vc, vs, vz, bh * n_quant, n0, rows, every,
-                skip, bmass_ptr, bframe_ptr, at, qk_scale, D, KCH, DT, PRECISION, HALVES, True, PROMOTED, CERT, TMA,
+                skip, bmass_ptr, bframe_ptr, at, real, qk_scale,
+                D, KCH, DT, PRECISION, HALVES, True, PROMOTED, CERT, TMA,
             )  # fmt: skip
     else:
         first = n_quant // BLOCK_N
@@ -315,7 +317,7 @@ def _decode_kernel(
                 at = (bh * n_blocks + first + n0 // BLOCK_N) * GP + gi
                 m, l_sum, a0, a1, a2, a3, resc = _block(
                     q0, q1, m, l_sum, a0, a1, a2, a3, resc, kp, ks_ptr, kz_ptr, vp, vs_ptr, vz_ptr, 0, n0, rows,
-                    ok, ~ok, bmass_ptr, bframe_ptr, at, qk_scale,
+                    ok, ~ok, bmass_ptr, bframe_ptr, at, real, qk_scale,
                     D, KCH, DT, PRECISION, HALVES, False, True, CERT, False,
                 )  # fmt: skip
             if seg == 0:
@@ -323,19 +325,19 @@ def _decode_kernel(
             elif seg == 1:
                 first += (n_win + BLOCK_N - 1) // BLOCK_N
     out = bh * (n_splits + 1) + split
-    tl.store(m_ptr + out * GP + gi, m)
-    tl.store(l_ptr + out * GP + gi, l_sum)
+    tl.store(m_ptr + out * GP + gi, m, mask=real)
+    tl.store(l_ptr + out * GP + gi, l_sum, mask=real)
     row = acc_ptr + out * GP * D + gi[:, None] * D
     if not HALVES:
-        tl.store(row + tl.arange(0, D)[None, :], a0)
+        tl.store(row + tl.arange(0, D)[None, :], a0, mask=real[:, None])
     else:
         even = 2 * tl.arange(0, D // 4)[None, :]
-        tl.store(row + even, a0)
-        tl.store(row + even + 1, a1)
-        tl.store(row + D // 2 + even, a2)
-        tl.store(row + D // 2 + even + 1, a3)
+        tl.store(row + even, a0, mask=real[:, None])
+        tl.store(row + even + 1, a1, mask=real[:, None])
+        tl.store(row + D // 2 + even, a2, mask=real[:, None])
+        tl.store(row + D // 2 + even + 1, a3, mask=real[:, None])
     if CERT:
-        tl.store(resc_ptr + out * GP + gi, resc)
+        tl.store(resc_ptr + out * GP + gi, resc, mask=real)
 
 
 def splits_for(batch_heads: int, n_quant: int, block: int = 64, per_head: int = 33, target_programs: int = 264) -> int:
@@ -354,7 +356,8 @@ class Partials:
     (binary32, log2 units) and ``acc`` [BH, S+1, GP, D]; the last split holds the sink and window tokens.
     With ``cert``: per block of ``block`` tokens (quantized blocks first, then sink, then window blocks)
     the binary32 sum ``bmass`` of its weights in the frame ``bframe`` (the running maximum after it)
-    [BH, NB, GP], and per split the rescales ``resc`` [BH, S+1, GP] of the running sums.
+    [BH, NB, GP], and per split the rescales ``resc`` [BH, S+1, GP] of the running sums. Only the first
+    G of the GP rows are written (the others pad the GQA group for the tensor cores and hold nothing).
     ``certkv.streaming`` turns them into the step's certificate."""
 
     m: torch.Tensor
@@ -482,12 +485,13 @@ def decode_partials(
 
 
 def combine(p: Partials, g: int) -> torch.Tensor:
-    """Merge the splits' partials: [B*H, G, D] binary32."""
-    top = p.m.amax(1, keepdim=True)
-    w = torch.exp2(torch.where(torch.isinf(p.m), -torch.inf, p.m - top))
-    num = (w[..., None] * p.acc).sum(1)
-    den = (w * p.l).sum(1)
-    return (num / den[..., None])[:, :g]
+    """Merge the splits' partials: [B*H, G, D] binary32 (the padding rows are not stored)."""
+    m, l_sum, acc = p.m[:, :, :g], p.l[:, :, :g], p.acc[:, :, :g]
+    top = m.amax(1, keepdim=True)
+    w = torch.exp2(torch.where(torch.isinf(m), -torch.inf, m - top))
+    num = (w[..., None] * acc).sum(1)
+    den = (w * l_sum).sum(1)
+    return num / den[..., None]
 
 
 def decode(q: torch.Tensor, t1: Tier1, scale: float, splits: int | None = None, **launch: object) -> torch.Tensor:

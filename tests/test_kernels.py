@@ -113,8 +113,8 @@ def test_codes_through_tma_descriptors_give_the_same_partials_bit_for_bit(dtype,
         code_descriptors(t1, launch["block"], "yes")
     q = make_q(b=2, hq=4, d=128, dtype=dtype, seed=12, scale=2.0).to(DEVICE).reshape(2, 2, 2, 128)
     by_tma, by_pointer = (decode_partials(q, t1, 128**-0.5, 3, cert=True, tma=m, **launch) for m in ("on", "off"))
-    for name in ("m", "l", "acc", "bmass", "bframe", "resc"):
-        assert torch.equal(getattr(by_tma, name), getattr(by_pointer, name)), name
+    for name in ("m", "l", "acc", "bmass", "bframe", "resc"):  # the 2 GQA rows (padding rows are not written)
+        assert torch.equal(getattr(by_tma, name)[:, :, :2], getattr(by_pointer, name)[:, :, :2]), name
 
 
 def test_serving_tiles_never_exceed_the_bytes_of_the_d128_tiles():

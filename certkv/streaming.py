@@ -358,8 +358,9 @@ def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]
     """The decode-kernel launch certkv serves a cache of ``dtype`` (FP16 or BF16) with
     (``decode_partials`` options; measured on the H100 at ``head_dim`` 128: docs/benchmarks.md): FP16
     tensor-core products, 128-token blocks, the logits over two chunks of channels with registers
-    capped at 168 (three programs per SM instead of two) and splits for 396 programs, two pipeline
-    stages, the codes through TMA where it pays (``tma="auto"``: the kernel 17-18% faster at 128K;
+    capped at 168 (three programs per SM instead of two) and splits for 396 programs, none shorter than four
+    blocks where that still fills them (8K, B >= 2: the kernel 3-17% faster, launch_probe_d128_least.json),
+    two pipeline stages, the codes through TMA where it pays (``tma="auto"``: the kernel 17-18% faster at 128K;
     dequantizing in FP16 arithmetic, ``deq16``, made the step 2-6% faster and the median bound 12-14%
     looser). BF16 caches take the same launch: their query and exact tokens round into FP16, within
     2^-25 (``arithmetic``; the median bound 8-16% looser); until then they were served by binary32
@@ -377,7 +378,7 @@ def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]
         raise ValueError(f"the decode kernel serves FP16 and BF16 caches, not {dtype}")
     launch: dict[str, object] = dict(precision="fp16", block=128, key_chunks=2, num_stages=2, num_warps=4, tma="auto")
     if head_dim == 128:
-        return launch | dict(maxnreg=168, programs=396)
+        return launch | dict(maxnreg=168, programs=396, least_blocks=4)
     if head_dim == 64:
         return launch | dict(block=64, num_warps=2, programs=1584, tma="off")
     return launch | dict(block=max(16, min(128, 128 * 128 // head_dim)))

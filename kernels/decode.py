@@ -340,14 +340,23 @@ def _decode_kernel(
         tl.store(resc_ptr + out * GP + gi, resc, mask=real)
 
 
-def splits_for(batch_heads: int, n_quant: int, block: int = 64, per_head: int = 33, target_programs: int = 264) -> int:
-    """Splits of the quantized tokens per (row, KV head): at least ``per_head`` (shorter loops per
-    program ran faster on the H100 at B = 1 and 8 alike, and 33 beat 16-96:
-    ``benchmarks/results/launch_sweep.json``), and at least ``target_programs`` programs in all (two
-    per SM of an H100); never a split shorter than one block."""
+def splits_for(
+    batch_heads: int,
+    n_quant: int,
+    block: int = 64,
+    per_head: int = 33,
+    target_programs: int = 264,
+    least_blocks: int = 1,
+) -> int:
+    """Splits of the quantized tokens per (row, KV head): at least ``target_programs`` programs in all
+    (two per SM of an H100), and otherwise ``per_head`` (shorter loops per program ran faster on the
+    H100 at B = 1 and 8 alike, and 33 beat 16-96: ``benchmarks/results/launch_sweep.json``), but no
+    more than leave ``least_blocks`` blocks a split; never a split shorter than one block."""
     if n_quant == 0:
         return 0
-    return max(1, min(max(per_head, math.ceil(target_programs / batch_heads)), n_quant // block))
+    n_blocks = n_quant // block
+    fill = math.ceil(target_programs / batch_heads)
+    return max(1, min(max(fill, min(per_head, n_blocks // least_blocks)), n_blocks))
 
 
 @dataclass
@@ -427,6 +436,8 @@ def decode_partials(
     tma: str = "off",
     maxnreg: int | None = None,
     programs: int = 264,
+    per_head: int = 33,
+    least_blocks: int = 1,
 ) -> Partials:
     """Launch the kernel: q [B, H, G, D] (16-bit); ``cert`` adds the certificate's statistics.
 
@@ -440,7 +451,8 @@ def decode_partials(
     ``tma``: "on" loads the key and value codes through the tensor memory accelerator where the device
     has one, "auto" where it also pays (``code_descriptors``), "off" never; the same bytes, so the same
     results bit for bit. ``maxnreg``: a cap on registers per thread (more programs per SM);
-    ``programs``: how many programs the split count aims for (``splits_for``) when ``splits`` is None."""
+    ``programs``, ``per_head`` and ``least_blocks``: the split count's rule (``splits_for``) where
+    ``splits`` is None."""
     if deq16 and precision != "fp16":
         raise ValueError("deq16 needs precision='fp16'")
     if key_chunks not in (1, 2):
@@ -449,7 +461,7 @@ def decode_partials(
     n_quant = t1.kc.shape[2]
     if n_quant % KEY_GROUP or d < VALUE_GROUP or d & (d - 1) or block > KEY_GROUP or KEY_GROUP % block:
         raise ValueError("layout: n_quant must be a multiple of 128, D a power of two >= 64, and the block divide 128")
-    s = splits_for(b * h, n_quant, block, target_programs=programs) if splits is None else splits
+    s = splits_for(b * h, n_quant, block, per_head, programs, least_blocks) if splits is None else splits
     chunk = math.ceil(n_quant / s / KEY_GROUP) * KEY_GROUP if s else 0
     s = math.ceil(n_quant / chunk) if chunk else 0
     gp = triton.next_power_of_2(g) if precision == "fma" else max(16, triton.next_power_of_2(g))  # tl.dot: >= 16

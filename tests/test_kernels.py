@@ -137,6 +137,9 @@ def test_split_count_fills_the_gpu_and_never_splits_below_a_block():
     # at least 33 splits per (row, head), at least 264 programs, never a split below one block
     assert splits_for(8, 131072) == 33 and splits_for(64, 131072) == 33 and splits_for(1, 131072) == 264
     assert splits_for(8, 1024) == 16 and splits_for(1, 128) == 2 and splits_for(4, 0) == 0
+    # splits of at least 4 blocks (62 at 8K) unless the programs would not fill the target; never empty
+    assert splits_for(64, 7936, 128, 33, 396, 4) == 15 and splits_for(8, 7936, 128, 33, 396, 4) == 50
+    assert splits_for(64, 256, 128, 33, 396, 4) == 2 and splits_for(64, 131072, 128, 33, 396, 4) == 33
 
 
 def test_layouts_the_kernel_does_not_implement_are_refused():

@@ -339,19 +339,22 @@ BOUND_FIELDS = (
 )
 
 
-def stage0_certificate(bounds: dict[str, torch.Tensor]) -> Certificate:
+# the certificate's fields beside BOUND_FIELDS, all zero (False) at stage 0
+STAGE0_COUNTS = ("stage", "fetched_values", "fetched_keys")  # int64
+
+
+def stage0_certificate(bounds: dict[str, torch.Tensor], zeros: dict[str, torch.Tensor] | None = None) -> Certificate:
     """A stage-0 certificate from its ``BOUND_FIELDS`` (float64 [B, H, G]): nothing fetched, not yet
-    held to a tolerance (the cache sets ``tolerance`` and ``accepted``)."""
-    ref = bounds["output_bound"]
-    never = torch.zeros(ref.shape, dtype=torch.int64, device=ref.device)
-    return Certificate(
-        **bounds,
-        stage=never,
-        tolerance=torch.zeros_like(ref),
-        accepted=torch.zeros(ref.shape, dtype=torch.bool, device=ref.device),
-        fetched_values=never.clone(),
-        fetched_keys=never.clone(),
-    )
+    held to a tolerance (the cache sets ``tolerance`` and ``accepted``). ``zeros``: those fields and
+    ``STAGE0_COUNTS`` already zero (the fused epilogue writes them in its last launch; made here they
+    cost five more launches a step)."""
+    if zeros is None:
+        ref = bounds["output_bound"]
+        never = torch.zeros(ref.shape, dtype=torch.int64, device=ref.device)
+        zeros = {name: never.clone() for name in STAGE0_COUNTS}
+        zeros["tolerance"] = torch.zeros_like(ref)
+        zeros["accepted"] = torch.zeros(ref.shape, dtype=torch.bool, device=ref.device)
+    return Certificate(**bounds, **zeros)
 
 
 def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]:

@@ -21,7 +21,7 @@ whatever the context): more than the decode kernel itself. Here the same float64
    rounding; the vertices (i, j) with i among the program's bins;
 5. ``_final_kernel`` (batch row x head x query row): the splits merged into the output, all the
    parts' statistics reduced in one pass, the TV bounds, the terms per channel and the certificate's
-   fields.
+   fields (its stage-0 zeros too: allocated and filled by torch they were five more launches a step).
 
 Partial results are reduced in a fixed order, so the result does not depend on scheduling.
 Differences from the torch reference, each a few units of float64 rounding: sums run in another
@@ -611,11 +611,12 @@ def _tv(edge_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, NG: 
 
 @triton.jit(do_not_specialize=["n_quant", "n_exact", "n_splits", "nb_split", "nb_all", "n_parts"])
 def _final_kernel(
-    m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, edge_ptr, out_ptr, fields_ptr,
+    m_ptr, l_ptr, acc_ptr, resc_ptr, vmin_ptr, vmax_ptr, c_ptr, p_ptr, edge_ptr, out_ptr, fields_ptr, count_ptr,
+    accepted_ptr,
     n_quant, n_exact, n_splits, nb_split, nb_all, n_parts,
     G: tl.constexpr, GR: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
     BINS: tl.constexpr, NG: tl.constexpr, NSTAT: tl.constexpr, NS2: tl.constexpr,
-    N_FIELDS: tl.constexpr, R: tl.constexpr,
+    N_FIELDS: tl.constexpr, NCOUNT: tl.constexpr, R: tl.constexpr,
 ):  # fmt: skip
     bh, gi = _row_program(GR, R)
     NVG: tl.constexpr = D // 64
@@ -718,7 +719,7 @@ def _final_kernel(
     bad_t = tl.sum(((tl.abs(total_j) == float("inf")) | (total_j != total_j)).to(tl.int32), 1)
     broken = (too_big + bad_y + bad_t + (l_sum > 0).to(tl.int32)) != 1
     inf = float("inf")
-    f = fields_ptr + (bh * G + gi) * N_FIELDS
+    f = fields_ptr + (bh * G + gi) * (N_FIELDS + 1)
     tl.store(f + 0, tl.where(broken, inf, tv_key), mask=row)
     tl.store(f + 1, tl.where(broken, inf, tl.max(key_j, 1)), mask=row)
     tl.store(f + 2, tl.where(broken, inf, tl.max(value_j, 1)), mask=row)
@@ -727,6 +728,11 @@ def _final_kernel(
     tl.store(f + 5, tl.where(broken, inf, tl.max(total_j, 1)), mask=row)
     tl.store(f + 6, _tanh_up(rp_max, u64), mask=row)
     tl.store(f + 7, rp_max, mask=row)
+    # the certificate's other fields at stage 0: tolerance 0 (the last slot), counts 0, not accepted
+    tl.store(f + N_FIELDS, tl.zeros((R,), tl.float64), mask=row)
+    for i in tl.static_range(NCOUNT):
+        tl.store(count_ptr + (bh * G + gi) * NCOUNT + i, tl.zeros((R,), tl.int64), mask=row)
+    tl.store(accepted_ptr + bh * G + gi, tl.zeros((R,), tl.int1), mask=row)
 
 
 def chunks_for(batch_heads: int, n_blocks: int, per: int, target_programs: int, least: int, most_parts: int) -> int:
@@ -771,7 +777,9 @@ def certify(
     dev = q.device
     f64 = dict(dtype=torch.float64, device=dev)
     out = torch.empty(b, h, g, d, dtype=out_dtype, device=dev)
-    fields = torch.empty(bh, g, N_FIELDS, **f64)  # type: ignore[arg-type]
+    fields = torch.empty(bh, g, N_FIELDS + 1, **f64)  # type: ignore[arg-type]
+    stage0_ints = torch.empty(bh, g, len(streaming.STAGE0_COUNTS), dtype=torch.int64, device=dev)
+    accepted = torch.empty(bh, g, dtype=torch.bool, device=dev)
     scratch = torch.empty(bh, 4, gr, max(nb_all, 1), **f64)  # type: ignore[arg-type]
     stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
     summary = torch.empty(bh, NSUM, gr, **f64)  # type: ignore[arg-type]
@@ -808,11 +816,15 @@ def certify(
     )  # fmt: skip
     final_rows = min(FINAL_ROWS, gr)
     _final_kernel[(bh * (gr // final_rows),)](
-        p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, edge, out, fields,
+        p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, edge, out, fields, stage0_ints,
+        accepted,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, BINS=BINS, NG=BINS // EDGE_BINS, NSTAT=nstat,
-        NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, R=final_rows, num_warps=WARPS["final"],
+        NS2=triton.next_power_of_2(nstat), N_FIELDS=N_FIELDS, NCOUNT=stage0_ints.shape[-1], R=final_rows,
+        num_warps=WARPS["final"],
         **EXACT_OPS,
     )  # fmt: skip
     bounds = {name: fields[..., i].reshape(b, h, g) for i, name in enumerate(streaming.BOUND_FIELDS)}
-    return out, streaming.stage0_certificate(bounds)
+    zeros = {name: stage0_ints[..., i].reshape(b, h, g) for i, name in enumerate(streaming.STAGE0_COUNTS)}
+    zeros |= {"tolerance": fields[..., N_FIELDS].reshape(b, h, g), "accepted": accepted.reshape(b, h, g)}
+    return out, streaming.stage0_certificate(bounds, zeros)

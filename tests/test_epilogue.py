@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from certkv.kernels import epilogue
 from certkv.kernels.decode import decode_partials, from_cache
 
-from certkv.streaming import BOUND_FIELDS, certify
+from certkv.streaming import BOUND_FIELDS, STAGE0_COUNTS, certify
 from tests.helpers import assert_sound, make_q, served_result
 from tests.test_streaming import CASES, DEVICE, SCALE, cache_of, promoted_cache
 
@@ -29,12 +29,16 @@ def both(cache, q, precision, splits=None, **launch):
 
 
 def assert_same(ref, fused):
-    """Same outputs (NaN where the reference has NaN); every field within float64 reordering (sums in
-    another order, tanh through exp)."""
+    """Same outputs (NaN where the reference has NaN); every bound within float64 reordering (sums in
+    another order, tanh through exp); the stage-0 fields (zeros the fused epilogue writes itself into
+    uninitialised memory) equal, dtypes and shapes included."""
     torch.testing.assert_close(fused[0], ref[0], rtol=0, atol=0, equal_nan=True)
     for name in BOUND_FIELDS:
         want, got = getattr(ref[1], name), getattr(fused[1], name)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-14, msg=name)
+    for name in (*STAGE0_COUNTS, "tolerance", "accepted"):
+        want, got = getattr(ref[1], name), getattr(fused[1], name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("dtype, precision, launch, shape, splits, q_scale", CASES)
@@ -72,6 +76,27 @@ def test_many_parts_give_the_same_certificate(monkeypatch, case):
     n_blocks = t1.kc.shape[2] // launch.get("block", 64)
     assert n_blocks >= 6  # three parts or more
     assert_same(*both(cache, q, precision, splits, **launch))
+
+
+def test_uninitialised_buffers_never_reach_the_output_or_the_certificate(monkeypatch):
+    # every buffer allocated without a value starts as garbage (NaN, -1, True): the kernel does not
+    # write the padding rows of its partials (4 GQA rows padded to 16 here) and the epilogue's last launch
+    # writes the certificate's stage-0 zeros, so the step is the same as with fresh memory
+    dtype, precision, launch, (b, hkv, g, n), splits, q_scale = CASES[2]
+    cache = cache_of(b, hkv, n, dtype, seed=n)
+    q = make_q(b=b, hq=hkv * g, d=128, dtype=dtype, seed=n + 1, scale=q_scale).to(DEVICE).reshape(b, hkv, g, 128)
+    clean = both(cache, q, precision, splits, **launch)
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan if t.dtype.is_floating_point else True if t.dtype == torch.bool else -1)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    ref, fused = both(cache, q, precision, splits, **launch)
+    monkeypatch.undo()
+    assert_same(clean[0], ref)
+    assert_same(clean[0], fused)
 
 
 def test_gqa_group_of_three_pads_rows_without_changing_the_certificate():

@@ -350,8 +350,7 @@ def stage0_certificate(bounds: dict[str, torch.Tensor], zeros: dict[str, torch.T
     cost five more launches a step)."""
     if zeros is None:
         ref = bounds["output_bound"]
-        never = torch.zeros(ref.shape, dtype=torch.int64, device=ref.device)
-        zeros = {name: never.clone() for name in STAGE0_COUNTS}
+        zeros = {name: torch.zeros(ref.shape, dtype=torch.int64, device=ref.device) for name in STAGE0_COUNTS}
         zeros["tolerance"] = torch.zeros_like(ref)
         zeros["accepted"] = torch.zeros(ref.shape, dtype=torch.bool, device=ref.device)
     return Certificate(**bounds, **zeros)

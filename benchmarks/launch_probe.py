@@ -51,6 +51,8 @@ SETS: dict[str, dict[str, dict[str, object]]] = {
     # the split rule's least blocks per split, and its splits per (row, head) without that least
     "least": {"l1": {"least_blocks": 1}, "l3": {"least_blocks": 3}, "l6": {"least_blocks": 6}},
     "per_head": {f"p{n}": {"per_head": n, "least_blocks": 1} for n in (8, 12, 16)},
+    # codes to floats by Triton's integer operations instead of the inline prmt PTX
+    "ptx": {"plain": {"ptx": False}},
     "two_warps": {
         "w2": {"num_warps": 2}, "w2_p792": {"num_warps": 2, "programs": 792},
         "w2_nocap_p792": {"num_warps": 2, "maxnreg": None, "programs": 792},

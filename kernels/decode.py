@@ -97,15 +97,74 @@ class Tier1:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
 
 
+def _prmt(dt: str, nibbles: bool) -> tuple[tl.constexpr, tl.constexpr]:
+    """PTX (and its register constraints) for ``_to_float`` and ``_nibbles`` on four code bytes at once
+    (Triton packs four uint8 elements into one 32-bit register): each byte, or each of its nibbles,
+    becomes the low byte of 2^23 + code (binary32: one ``prmt`` per code, taking the byte and then bytes
+    0, 0, 0x4B of 0x4B000000) or of 2^10 + code (FP16: one ``prmt`` per two codes, each byte beside a
+    0x64 of 0x64646464); nibbles are masked (and shifted) four at a time first. The output registers
+    hold the elements in order, FP16 two per register, low half first."""
+    fill, sel = ("0x4B000000", [0x7540 + i for i in range(4)]) if dt == "f32" else ("0x64646464", [0x4140, 0x4342])
+    sources = ["lo", "hi"] if nibbles else ["$IN"]
+    outs = ((k * len(sel) + r, src, c) for k, src in enumerate(sources) for r, c in enumerate(sel))
+    lines = [f"prmt.b32 ${i}, {src}, {fill}, {c:#06x};" for i, src, c in outs]
+    x = f"${len(lines)}"  # the input register follows the outputs
+    code = " ".join(lines).replace("$IN", x)
+    if nibbles:
+        split = f"and.b32 lo, {x}, 0x0F0F0F0F; shr.b32 hi, {x}, 4; and.b32 hi, hi, 0x0F0F0F0F;"
+        code = f"{{ .reg .b32 lo, hi; {split} {code} }}"
+    return tl.constexpr(code), tl.constexpr(",".join(["=r"] * len(lines) + ["r"]))
+
+
+BYTES_F32, BYTES_F32_C = _prmt("f32", nibbles=False)
+BYTES_F16, BYTES_F16_C = _prmt("f16", nibbles=False)
+NIBBLES_F32, NIBBLES_F32_C = _prmt("f32", nibbles=True)
+NIBBLES_F16, NIBBLES_F16_C = _prmt("f16", nibbles=True)
+
+
 @triton.jit
-def _to_float(x, DT: tl.constexpr):
-    """Unsigned integer codes (< 256) to DT exactly, without integer-to-float conversion instructions
-    (they run at a fraction of the FMA rate): OR the code into the mantissa of 2^10 (FP16) or 2^23
-    (binary32) and subtract that power of two, both exact."""
+def _unbias(x, DT: tl.constexpr):
+    """2^10 + code (FP16) or 2^23 + code (binary32) to the code: exact."""
     if DT == tl.float16:  # noqa: SIM300 (DT is a constexpr argument, not a constant)
-        return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        return x - 1024.0
     else:
-        return (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return x - 8388608.0
+
+
+@triton.jit
+def _to_float(x, DT: tl.constexpr, PTX: tl.constexpr):
+    """Unsigned integer codes (< 256) to DT exactly, without integer-to-float conversion instructions
+    (they run at a fraction of the FMA rate): the code in the mantissa of 2^10 (FP16) or 2^23 (binary32),
+    that power of two subtracted, both exact. PTX: four codes per ``prmt`` sequence (``_prmt``; the
+    same bits as OR-ing each code in, with fewer integer instructions; Triton's interpreter has no
+    inline assembly, so it runs the other branch)."""
+    if PTX:
+        if DT == tl.float16:  # noqa: SIM300
+            biased = tl.inline_asm_elementwise(BYTES_F16, BYTES_F16_C, [x], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            biased = tl.inline_asm_elementwise(BYTES_F32, BYTES_F32_C, [x], dtype=tl.float32, is_pure=True, pack=4)
+    elif DT == tl.float16:  # noqa: SIM300
+        biased = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        biased = (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True)
+    return _unbias(biased, DT)
+
+
+@triton.jit
+def _nibbles(byte, DT: tl.constexpr, PTX: tl.constexpr):
+    """The low and high nibbles of code bytes, each to DT exactly (as ``_to_float``)."""
+    if PTX:
+        if DT == tl.float16:  # noqa: SIM300
+            lo, hi = tl.inline_asm_elementwise(
+                NIBBLES_F16, NIBBLES_F16_C, [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                NIBBLES_F32, NIBBLES_F32_C, [byte], dtype=(tl.float32, tl.float32), is_pure=True, pack=4
+            )
+        return _unbias(lo, DT), _unbias(hi, DT)
+    else:
+        return _to_float(byte & 15, DT, False), _to_float(byte >> 4, DT, False)
 
 
 @triton.jit
@@ -122,7 +181,7 @@ def _code_rows(src, first, n0, rows, c0, W: tl.constexpr, WC: tl.constexpr, TMA:
 
 @triton.jit
 def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.constexpr, KCH: tl.constexpr,
-               DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+               DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr):  # fmt: skip
     """Keys [BLOCK_N, D / KCH] (channels of chunk ``c``) of tokens n0 + rows. QUANTIZED: dequantized in
     DT from their codes (``_code_rows``; a block never straddles a key group, so the group's scales
     broadcast; c·s is exact in binary32 (8 x at most 11 bits), so the FMA rounds as c·s + z does); otherwise
@@ -130,7 +189,7 @@ def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.
     W: tl.constexpr = D // KCH
     dc = c * W + tl.arange(0, W)
     if QUANTIZED:
-        codes = _to_float(_code_rows(src, first, n0, rows, c * W, D, W, TMA), DT)
+        codes = _to_float(_code_rows(src, first, n0, rows, c * W, D, W, TMA), DT, PTX)
         g = n0 // 128
         return tl.fma(codes, tl.load(ks_ptr + g * D + dc).to(DT)[None, :], tl.load(kz_ptr + g * D + dc).to(DT)[None, :])
     else:
@@ -139,7 +198,7 @@ def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.
 
 @triton.jit
 def _value_bytes(src, vs_ptr, vz_ptr, first, n0, rows, ok, b0: tl.constexpr, NB: tl.constexpr, D: tl.constexpr,
-                 DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+                 DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr):  # fmt: skip
     """Values of channels 2·b0 ... 2·(b0 + NB) of tokens n0 + rows as their even and odd channels, two
     [BLOCK_N, NB]. QUANTIZED: from the packed code bytes b0 ... b0 + NB (even channel in the low nibble,
     so the split costs no data movement in registers); the bytes lie in NB / 32 scale groups of 64
@@ -151,9 +210,8 @@ def _value_bytes(src, vs_ptr, vz_ptr, first, n0, rows, ok, b0: tl.constexpr, NB:
         byte = _code_rows(src, first, n0, rows, b0, D // 2, NB, TMA)
         at = (n0 + rows)[:, None] * (D // 64) + (b0 // 32 + tl.arange(0, GN))[None, :]
         v_s, v_z = tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
-        even = _dequant_nibbles(_to_float(byte & 15, DT), v_s, v_z, BLOCK_N, NB, GN)
-        odd = _dequant_nibbles(_to_float(byte >> 4, DT), v_s, v_z, BLOCK_N, NB, GN)
-        return even, odd
+        lo, hi = _nibbles(byte, DT, PTX)
+        return _dequant_nibbles(lo, v_s, v_z, BLOCK_N, NB, GN), _dequant_nibbles(hi, v_s, v_z, BLOCK_N, NB, GN)
     else:
         at = src + (n0 + rows)[:, None] * D + 2 * b0 + tl.arange(0, 2 * NB)[None, :]
         v = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -193,16 +251,18 @@ def _q_chunk(q_ptr, bh, gi, c: tl.constexpr, G: tl.constexpr, D: tl.constexpr, K
 def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz, first, n0, rows, ok, skip,
            bmass_ptr, bframe_ptr, at, real, qk_scale,
            D: tl.constexpr, KCH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, HALVES: tl.constexpr,
-           QUANTIZED: tl.constexpr, MASKED: tl.constexpr, CERT: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+           QUANTIZED: tl.constexpr, MASKED: tl.constexpr, CERT: tl.constexpr, TMA: tl.constexpr,
+           PTX: tl.constexpr):  # fmt: skip
     """One block of tokens into the online softmax: logits over KCH chunks of channels on one chained
     accumulator (only a [BLOCK_N, D / KCH] key tile live at a time), the running maximum, sum and the
     value accumulators: HALVES (the tensor-core launches) four, the even and odd channels of each half of
     the channels; otherwise ("fma") one in channel order (four ran 1.8x slower there). MASKED: tokens where
     ``skip`` is set (promoted, padding, free slots) get no weight. CERT: the block's weight sum and frame
     go to ``at`` (the rows where ``real``) and the rescale is counted (docs/theory.md section 8)."""
-    t = _mma(q0, tl.trans(_key_chunk(k_src, ks, kz, first, n0, rows, ok, 0, D, KCH, DT, QUANTIZED, TMA)), PRECISION)
+    k0 = _key_chunk(k_src, ks, kz, first, n0, rows, ok, 0, D, KCH, DT, QUANTIZED, TMA, PTX)
+    t = _mma(q0, tl.trans(k0), PRECISION)
     if KCH == 2:
-        k1 = _key_chunk(k_src, ks, kz, first, n0, rows, ok, 1, D, KCH, DT, QUANTIZED, TMA)
+        k1 = _key_chunk(k_src, ks, kz, first, n0, rows, ok, 1, D, KCH, DT, QUANTIZED, TMA, PTX)
         t = _mma(q1, tl.trans(k1), PRECISION, t)
     t = t * qk_scale
     if MASKED:
@@ -221,14 +281,14 @@ def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz,
     # each block's products summed from zero, then added to the rescaled sums: the rounding model's
     # count (docs/theory.md section 8: per later block one multiply and one add)
     if HALVES:
-        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 4, D, DT, QUANTIZED, TMA)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 4, D, DT, QUANTIZED, TMA, PTX)
         a0 = a0 * alpha[:, None] + _mma(p, even, PRECISION)
         a1 = a1 * alpha[:, None] + _mma(p, odd, PRECISION)
-        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, D // 4, D // 4, D, DT, QUANTIZED, TMA)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, D // 4, D // 4, D, DT, QUANTIZED, TMA, PTX)
         a2 = a2 * alpha[:, None] + _mma(p, even, PRECISION)
         a3 = a3 * alpha[:, None] + _mma(p, odd, PRECISION)
     else:  # one accumulator [GP, D]; a1-a3 pass through unchanged
-        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 2, D, DT, QUANTIZED, TMA)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 2, D, DT, QUANTIZED, TMA, PTX)
         values = tl.reshape(tl.join(even, odd), (rows.shape[0], D))  # [BLOCK_N, D/2, 2]: channel order
         a0 = a0 * alpha[:, None] + _mma(p, values, PRECISION)
     if CERT:
@@ -250,7 +310,7 @@ def _decode_kernel(
     n_quant, n_sink, n_win, n_prom, chunk, qk_scale, n_blocks, n_splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, DEQ16: tl.constexpr, KCH: tl.constexpr, HALVES: tl.constexpr, CERT: tl.constexpr,
-    PROMOTED: tl.constexpr, TMA: tl.constexpr,
+    PROMOTED: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -293,7 +353,7 @@ def _decode_kernel(
             m, l_sum, a0, a1, a2, a3, resc = _block(
                 q0, q1, m, l_sum, a0, a1, a2, a3, resc, kc, ks, kz, vc, vs, vz, bh * n_quant, n0, rows, every,
                 skip, bmass_ptr, bframe_ptr, at, real, qk_scale,
-                D, KCH, DT, PRECISION, HALVES, True, PROMOTED, CERT, TMA,
+                D, KCH, DT, PRECISION, HALVES, True, PROMOTED, CERT, TMA, PTX,
             )  # fmt: skip
     else:
         first = n_quant // BLOCK_N
@@ -318,7 +378,7 @@ def _decode_kernel(
                 m, l_sum, a0, a1, a2, a3, resc = _block(
                     q0, q1, m, l_sum, a0, a1, a2, a3, resc, kp, ks_ptr, kz_ptr, vp, vs_ptr, vz_ptr, 0, n0, rows,
                     ok, ~ok, bmass_ptr, bframe_ptr, at, real, qk_scale,
-                    D, KCH, DT, PRECISION, HALVES, False, True, CERT, False,
+                    D, KCH, DT, PRECISION, HALVES, False, True, CERT, False, PTX,
                 )  # fmt: skip
             if seg == 0:
                 first += (n_sink + BLOCK_N - 1) // BLOCK_N
@@ -438,6 +498,7 @@ def decode_partials(
     programs: int = 264,
     per_head: int = 33,
     least_blocks: int = 1,
+    ptx: bool | None = None,
 ) -> Partials:
     """Launch the kernel: q [B, H, G, D] (16-bit); ``cert`` adds the certificate's statistics.
 
@@ -452,7 +513,9 @@ def decode_partials(
     has one, "auto" where it also pays (``code_descriptors``), "off" never; the same bytes, so the same
     results bit for bit. ``maxnreg``: a cap on registers per thread (more programs per SM);
     ``programs``, ``per_head`` and ``least_blocks``: the split count's rule (``splits_for``) where
-    ``splits`` is None."""
+    ``splits`` is None. ``ptx``: codes to floats by inline ``prmt`` instructions, four at a time (the
+    same values bit for bit; None: on NVIDIA GPUs, not in Triton's interpreter, which has no inline
+    assembly)."""
     if deq16 and precision != "fp16":
         raise ValueError("deq16 needs precision='fp16'")
     if key_chunks not in (1, 2):
@@ -490,6 +553,7 @@ def decode_partials(
         n_quant, n_sink, n_win, n_prom, chunk, scale * LOG2E, nb, s,
         G=g, GP=gp, D=d, BLOCK_N=block, PRECISION=precision, DEQ16=deq16, KCH=key_chunks,
         HALVES=halves, CERT=cert, PROMOTED=n_prom > 0, TMA=descriptors is not None,
+        PTX=(q.is_cuda and torch.version.hip is None) if ptx is None else ptx,
         num_warps=num_warps, num_stages=num_stages,
         **EXACT_OPS, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip

@@ -372,7 +372,9 @@ def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]
     Other head sizes (powers of two from 64): above D = 128 the tiles keep their bytes, blocks of
     128·128 / D tokens (the D = 128 tiles at D = 256 need 143 KB of shared memory, more than many GPUs
     have, and spill registers), with no register cap or program target (measured at D = 256: without
-    TMA, one key chunk or more programs no faster, ``launch_sweep_d256.json``). At D = 64, 64-token
+    TMA, one key chunk or more programs no faster, ``launch_sweep_d256.json``) and splits of at least six
+    blocks where the programs fill the GPU (D = 256, B = 8, 8K: the kernel 5.5% faster, elsewhere within
+    1%; ``launch_probe_d256_least.json``; D = 64 keeps one block: six were 4% slower at B = 8, 8K). At D = 64, 64-token
     blocks on two warps with splits for 1,584 programs and the codes by pointer, not TMA (its tiles of
     16 to 32 bytes a row cost more than they save): the kernel 1.2-2.2x faster than the D = 128 launch
     there (``launch_sweep_d64.json``, ``launch_probe_d64_blocks.json``)."""
@@ -383,7 +385,7 @@ def serving_launch(dtype: torch.dtype, head_dim: int = 128) -> dict[str, object]
         return launch | dict(maxnreg=168, programs=396, least_blocks=4)
     if head_dim == 64:
         return launch | dict(block=64, num_warps=2, programs=1584, tma="off")
-    return launch | dict(block=max(16, min(128, 128 * 128 // head_dim)))
+    return launch | dict(block=max(16, min(128, 128 * 128 // head_dim)), least_blocks=6)
 
 
 def kernel_step(

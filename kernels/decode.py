@@ -97,29 +97,20 @@ class Tier1:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
 
 
-def _prmt(dt: str, nibbles: bool) -> tuple[tl.constexpr, tl.constexpr]:
-    """PTX (and its register constraints) for ``_to_float`` and ``_nibbles`` on four code bytes at once
-    (Triton packs four uint8 elements into one 32-bit register): each byte, or each of its nibbles,
-    becomes the low byte of 2^23 + code (binary32: one ``prmt`` per code, taking the byte and then bytes
-    0, 0, 0x4B of 0x4B000000) or of 2^10 + code (FP16: one ``prmt`` per two codes, each byte beside a
-    0x64 of 0x64646464); nibbles are masked (and shifted) four at a time first. The output registers
-    hold the elements in order, FP16 two per register, low half first."""
+def _prmt(dt: str) -> tuple[tl.constexpr, tl.constexpr]:
+    """PTX (and its register constraints) for ``_to_float`` on four code bytes at once (Triton packs four
+    uint8 elements into one 32-bit register): each byte becomes the low byte of 2^23 + code (binary32:
+    one ``prmt`` per code, taking the byte and then bytes 0, 0, 0x4B of 0x4B000000) or of 2^10 + code
+    (FP16: one ``prmt`` per two codes, each byte beside a 0x64 of 0x64646464). The output registers hold
+    the elements in order, FP16 two per register, low half first."""
     fill, sel = ("0x4B000000", [0x7540 + i for i in range(4)]) if dt == "f32" else ("0x64646464", [0x4140, 0x4342])
-    sources = ["lo", "hi"] if nibbles else ["$IN"]
-    outs = ((k * len(sel) + r, src, c) for k, src in enumerate(sources) for r, c in enumerate(sel))
-    lines = [f"prmt.b32 ${i}, {src}, {fill}, {c:#06x};" for i, src, c in outs]
-    x = f"${len(lines)}"  # the input register follows the outputs
-    code = " ".join(lines).replace("$IN", x)
-    if nibbles:
-        split = f"and.b32 lo, {x}, 0x0F0F0F0F; shr.b32 hi, {x}, 4; and.b32 hi, hi, 0x0F0F0F0F;"
-        code = f"{{ .reg .b32 lo, hi; {split} {code} }}"
-    return tl.constexpr(code), tl.constexpr(",".join(["=r"] * len(lines) + ["r"]))
+    x = f"${len(sel)}"  # the input register follows the outputs
+    code = " ".join(f"prmt.b32 ${i}, {x}, {fill}, {c:#06x};" for i, c in enumerate(sel))
+    return tl.constexpr(code), tl.constexpr(",".join(["=r"] * len(sel) + ["r"]))
 
 
-BYTES_F32, BYTES_F32_C = _prmt("f32", nibbles=False)
-BYTES_F16, BYTES_F16_C = _prmt("f16", nibbles=False)
-NIBBLES_F32, NIBBLES_F32_C = _prmt("f32", nibbles=True)
-NIBBLES_F16, NIBBLES_F16_C = _prmt("f16", nibbles=True)
+BYTES_F32, BYTES_F32_C = _prmt("f32")
+BYTES_F16, BYTES_F16_C = _prmt("f16")
 
 
 @triton.jit
@@ -136,8 +127,9 @@ def _to_float(x, DT: tl.constexpr, PTX: tl.constexpr):
     """Unsigned integer codes (< 256) to DT exactly, without integer-to-float conversion instructions
     (they run at a fraction of the FMA rate): the code in the mantissa of 2^10 (FP16) or 2^23 (binary32),
     that power of two subtracted, both exact. PTX: four codes per ``prmt`` sequence (``_prmt``; the
-    same bits as OR-ing each code in, with fewer integer instructions; Triton's interpreter has no
-    inline assembly, so it runs the other branch)."""
+    same bits as OR-ing each code in, with fewer integer instructions; used for the key codes, which
+    arrive four to a register; Triton's interpreter has no inline assembly, so it runs the other
+    branch)."""
     if PTX:
         if DT == tl.float16:  # noqa: SIM300
             biased = tl.inline_asm_elementwise(BYTES_F16, BYTES_F16_C, [x], dtype=tl.float16, is_pure=True, pack=4)
@@ -148,23 +140,6 @@ def _to_float(x, DT: tl.constexpr, PTX: tl.constexpr):
     else:
         biased = (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True)
     return _unbias(biased, DT)
-
-
-@triton.jit
-def _nibbles(byte, DT: tl.constexpr, PTX: tl.constexpr):
-    """The low and high nibbles of code bytes, each to DT exactly (as ``_to_float``)."""
-    if PTX:
-        if DT == tl.float16:  # noqa: SIM300
-            lo, hi = tl.inline_asm_elementwise(
-                NIBBLES_F16, NIBBLES_F16_C, [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-            )
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                NIBBLES_F32, NIBBLES_F32_C, [byte], dtype=(tl.float32, tl.float32), is_pure=True, pack=4
-            )
-        return _unbias(lo, DT), _unbias(hi, DT)
-    else:
-        return _to_float(byte & 15, DT, False), _to_float(byte >> 4, DT, False)
 
 
 @triton.jit
@@ -198,7 +173,7 @@ def _key_chunk(src, ks_ptr, kz_ptr, first, n0, rows, ok, c: tl.constexpr, D: tl.
 
 @triton.jit
 def _value_bytes(src, vs_ptr, vz_ptr, first, n0, rows, ok, b0: tl.constexpr, NB: tl.constexpr, D: tl.constexpr,
-                 DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr):  # fmt: skip
+                 DT: tl.constexpr, QUANTIZED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """Values of channels 2·b0 ... 2·(b0 + NB) of tokens n0 + rows as their even and odd channels, two
     [BLOCK_N, NB]. QUANTIZED: from the packed code bytes b0 ... b0 + NB (even channel in the low nibble,
     so the split costs no data movement in registers); the bytes lie in NB / 32 scale groups of 64
@@ -210,8 +185,12 @@ def _value_bytes(src, vs_ptr, vz_ptr, first, n0, rows, ok, b0: tl.constexpr, NB:
         byte = _code_rows(src, first, n0, rows, b0, D // 2, NB, TMA)
         at = (n0 + rows)[:, None] * (D // 64) + (b0 // 32 + tl.arange(0, GN))[None, :]
         v_s, v_z = tl.load(vs_ptr + at).to(DT), tl.load(vz_ptr + at).to(DT)
-        lo, hi = _nibbles(byte, DT, PTX)
-        return _dequant_nibbles(lo, v_s, v_z, BLOCK_N, NB, GN), _dequant_nibbles(hi, v_s, v_z, BLOCK_N, NB, GN)
+        # Triton's own integer operations for the nibbles: the value bytes reach the MMA operand layout one
+        # shared-memory load each, and packing them four to a register for ``prmt`` cost more than it saved
+        # (H100: the kernel 0.5-3.9% slower, docs/benchmarks.md)
+        even = _dequant_nibbles(_to_float(byte & 15, DT, False), v_s, v_z, BLOCK_N, NB, GN)
+        odd = _dequant_nibbles(_to_float(byte >> 4, DT, False), v_s, v_z, BLOCK_N, NB, GN)
+        return even, odd
     else:
         at = src + (n0 + rows)[:, None] * D + 2 * b0 + tl.arange(0, 2 * NB)[None, :]
         v = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -281,14 +260,14 @@ def _block(q0, q1, m, l_sum, a0, a1, a2, a3, resc, k_src, ks, kz, v_src, vs, vz,
     # each block's products summed from zero, then added to the rescaled sums: the rounding model's
     # count (docs/theory.md section 8: per later block one multiply and one add)
     if HALVES:
-        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 4, D, DT, QUANTIZED, TMA, PTX)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 4, D, DT, QUANTIZED, TMA)
         a0 = a0 * alpha[:, None] + _mma(p, even, PRECISION)
         a1 = a1 * alpha[:, None] + _mma(p, odd, PRECISION)
-        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, D // 4, D // 4, D, DT, QUANTIZED, TMA, PTX)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, D // 4, D // 4, D, DT, QUANTIZED, TMA)
         a2 = a2 * alpha[:, None] + _mma(p, even, PRECISION)
         a3 = a3 * alpha[:, None] + _mma(p, odd, PRECISION)
     else:  # one accumulator [GP, D]; a1-a3 pass through unchanged
-        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 2, D, DT, QUANTIZED, TMA, PTX)
+        even, odd = _value_bytes(v_src, vs, vz, first, n0, rows, ok, 0, D // 2, D, DT, QUANTIZED, TMA)
         values = tl.reshape(tl.join(even, odd), (rows.shape[0], D))  # [BLOCK_N, D/2, 2]: channel order
         a0 = a0 * alpha[:, None] + _mma(p, values, PRECISION)
     if CERT:
@@ -513,7 +492,7 @@ def decode_partials(
     has one, "auto" where it also pays (``code_descriptors``), "off" never; the same bytes, so the same
     results bit for bit. ``maxnreg``: a cap on registers per thread (more programs per SM);
     ``programs``, ``per_head`` and ``least_blocks``: the split count's rule (``splits_for``) where
-    ``splits`` is None. ``ptx``: codes to floats by inline ``prmt`` instructions, four at a time (the
+    ``splits`` is None. ``ptx``: key codes to floats by inline ``prmt`` instructions, four at a time (the
     same values bit for bit; None: on NVIDIA GPUs, not in Triton's interpreter, which has no inline
     assembly)."""
     if deq16 and precision != "fp16":

@@ -11,8 +11,6 @@ pytest.importorskip("triton")
 from certkv.kernels.decode import (
     BYTES_F16,
     BYTES_F32,
-    NIBBLES_F16,
-    NIBBLES_F32,
     code_descriptors,
     combine,
     decode,
@@ -122,46 +120,31 @@ def test_codes_through_tma_descriptors_give_the_same_partials_bit_for_bit(dtype,
 
 
 def run_ptx(asm: str, word: int) -> list[int]:
-    """The output registers of the kernel's ``prmt`` PTX (and.b32, shr.b32, prmt.b32 on b32 registers) for
-    the input register ``word``: a model of the instructions from the PTX manual, so that the CPU checks
-    the selectors the GPU test can only check through whole kernels."""
+    """The output registers of the kernel's ``prmt.b32`` PTX for the input register ``word``: a model of
+    the instruction from the PTX manual (byte i of d is byte sel_i of the eight of {b, a}), so that the
+    CPU checks the selectors the GPU test can only check through whole kernels."""
     regs: dict[str, int] = {}
-    statements = [x.strip(" {}") for x in asm.split(";")]
-    n_out = max(int(t[1:]) for x in statements for t in x.replace(",", " ").split() if t.startswith("$"))
-    regs[f"${n_out}"] = word
-
-    def val(x: str) -> int:
-        return regs[x] if x in regs else int(x, 0)
-
+    statements = [x.strip() for x in asm.split(";") if x.strip()]
+    n_out = len(statements)
+    regs[f"${n_out}"] = word  # the input register follows the outputs
     for x in statements:
-        if not x or x.startswith(".reg"):
-            continue
         op, args = x.split(None, 1)
-        d, *src = (a.strip() for a in args.split(","))
-        if op == "and.b32":
-            regs[d] = val(src[0]) & val(src[1])
-        elif op == "shr.b32":
-            regs[d] = val(src[0]) >> val(src[1])
-        else:
-            assert op == "prmt.b32", op
-            pool = val(src[0]) | val(src[1]) << 32  # bytes 0-3 of a, then 4-7 of b
-            sel = val(src[2])
-            regs[d] = sum(((pool >> 8 * (sel >> 4 * i & 7)) & 255) << 8 * i for i in range(4))
+        assert op == "prmt.b32", op
+        d, a, b, sel = (t.strip() for t in args.split(","))
+        pool = (regs[a] if a in regs else int(a, 0)) | int(b, 0) << 32  # bytes 0-3 of a, then 4-7 of b
+        regs[d] = sum(((pool >> 8 * (int(sel, 0) >> 4 * i & 7)) & 255) << 8 * i for i in range(4))
     return [regs[f"${i}"] for i in range(n_out)]
 
 
-@pytest.mark.parametrize("asm, bits, nibbles", [(BYTES_F32, 32, False), (BYTES_F16, 16, False),
-                                                (NIBBLES_F32, 32, True), (NIBBLES_F16, 16, True)])  # fmt: skip
-def test_prmt_assembly_gives_each_code_its_biased_float_in_element_order(asm, bits, nibbles):
+@pytest.mark.parametrize("asm, bits", [(BYTES_F32, 32), (BYTES_F16, 16)])
+def test_prmt_assembly_gives_each_code_its_biased_float_in_element_order(asm, bits):
     # four code bytes in one register, element i in byte i (Triton's packing); out: per element the bits
-    # of 2^23 + code (binary32) or 2^10 + code (FP16, two a register, low half first), the low nibbles'
-    # elements before the high nibbles'
+    # of 2^23 + code (binary32) or 2^10 + code (FP16, two a register, low half first)
     bias = 0x4B000000 if bits == 32 else 0x6400
     gen = torch.Generator().manual_seed(0)
     words = [0, 0xFFFFFFFF, 0x0F1E2D3C, *torch.randint(0, 2**32, (200,), generator=gen).tolist()]
     for word in words:
-        data = [word >> 8 * i & 255 for i in range(4)]
-        codes = [c & 15 for c in data] + [c >> 4 for c in data] if nibbles else data
+        codes = [word >> 8 * i & 255 for i in range(4)]
         regs = run_ptx(asm.value, word)
         got = [r >> bits * h & (1 << bits) - 1 for r in regs for h in range(32 // bits)]
         assert got == [bias | c for c in codes], hex(word)
@@ -176,9 +159,9 @@ def test_prmt_assembly_gives_each_code_its_biased_float_in_element_order(asm, bi
      (torch.bfloat16, 128, dict(precision="ieee", block=64)), (torch.bfloat16, 128, dict(precision="fma", block=16))],
 )  # fmt: skip
 def test_codes_unpacked_by_prmt_give_the_same_partials_bit_for_bit(dtype, d, launch):
-    # every dequantization the kernel has (binary32 and FP16 arithmetic; the nibbles of both value layouts,
-    # halves on tensor cores and channel order for "fma"; code tiles through TMA and by pointer; the
-    # serving launches of three head sizes): the inline PTX against Triton's own integer operations
+    # the key codes of every dequantization the kernel has (binary32 and FP16 arithmetic, tensor-core and
+    # "fma" launches, code tiles through TMA and by pointer, the serving launches of three head sizes):
+    # the inline PTX against Triton's own integer operations
     launch = serving_launch(dtype, d) if launch is None else launch
     cache = filled_cache(2, 2, 1100, dtype, seed=17, d=d)
     t1 = from_cache(cache, 0)

@@ -114,15 +114,6 @@ BYTES_F16, BYTES_F16_C = _prmt("f16")
 
 
 @triton.jit
-def _unbias(x, DT: tl.constexpr):
-    """2^10 + code (FP16) or 2^23 + code (binary32) to the code: exact."""
-    if DT == tl.float16:  # noqa: SIM300 (DT is a constexpr argument, not a constant)
-        return x - 1024.0
-    else:
-        return x - 8388608.0
-
-
-@triton.jit
 def _to_float(x, DT: tl.constexpr, PTX: tl.constexpr):
     """Unsigned integer codes (< 256) to DT exactly, without integer-to-float conversion instructions
     (they run at a fraction of the FMA rate): the code in the mantissa of 2^10 (FP16) or 2^23 (binary32),
@@ -139,7 +130,10 @@ def _to_float(x, DT: tl.constexpr, PTX: tl.constexpr):
         biased = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     else:
         biased = (x.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True)
-    return _unbias(biased, DT)
+    if DT == tl.float16:  # noqa: SIM300
+        return biased - 1024.0
+    else:
+        return biased - 8388608.0
 
 
 @triton.jit

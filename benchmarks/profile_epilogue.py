@@ -36,6 +36,7 @@ SWEEPS = {
                for w, cb, tok, p in itertools.product((2, 4), (4, 8, 16), (16, 32), (528, 1056, 2112))]
               + [{"warps.edges": 16}],
     "edges": [{"edges.bins": ib, "warps.edges": w} for ib, w in itertools.product((4, 8, 16, 32), (1, 2, 4))],
+    "serving": [{}],
     "final": [{}, {"final.rows": 2}, {"final.rows": 4}, {"warps.final": 2}, {"warps.final": 8}],
     "tokens": [{"step.tokens": t} for t in (4, 8, 16)],
     "parts": [{"programs.blocks": p, "step.blocks": cb} for p, cb in itertools.product((132, 264, 528), (8, 16, 32))],

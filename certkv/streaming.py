@@ -26,7 +26,7 @@ import torch
 from certkv.certificate import Certificate
 from certkv.quant import RADIUS_FACTOR
 from certkv.rounding import EXP_REL, TC_U, U32, U64, gamma, inflate, quotient_bound
-from certkv.tv import tanh_bound, tv_bound
+from certkv.tv import sum_radius, tanh_bound, tv_bound
 
 U16 = 2.0**-11  # unit roundoff of FP16
 BF16_INTO_FP16 = 2.0**-25  # |fl16(x) - x| for BF16 x, |x| <= 65504 (proofs/lemma_fp16_inputs)
@@ -96,6 +96,14 @@ def product_error(
     rel = y * torch.exp(y) * (1 + 2.0**-40)
     absolute = factors * beta1 * torch.exp((factors - 1) * math.log1p(alpha1 + beta1)) * (1 + 2.0**-40)
     return rel, absolute
+
+
+def mass_error(blk: int) -> tuple[float, float]:
+    """(c1, b): a block of ``blk`` tokens' binary32 weight sum sigma against its exact S = sum 2^(t_i - mu),
+    |sigma - S| <= c1 S + b (docs/theory.md section 8, "Block masses"; float64, rounded up). In the frame of
+    the row's top logit the absolute part is b 2^(mu - top)."""
+    c1 = (ALPHA1 + gamma(blk) * (1 + ALPHA1)) * (1 + 4 * U64) + 4 * U64
+    return c1, blk * BETA1 * (1 + gamma(blk)) * (1 + 4 * U64)
 
 
 def _upper(computed: torch.Tensor, rel: float | torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
@@ -215,8 +223,8 @@ def certify(
     bmass = p.bmass[:, :, :g].double().transpose(1, 2)  # [BH, G, NB]
     frame = torch.exp2(p.bframe[:, :, :g].double().transpose(1, 2) - top[..., None])
     mass = bmass * frame
-    c1 = (ALPHA1 + gamma(blk) * (1 + ALPHA1)) * (1 + 4 * U64) + 4 * U64
-    b_abs = blk * BETA1 * (1 + gamma(blk)) * (1 + 4 * U64) * frame
+    c1, b_unit = mass_error(blk)
+    b_abs = b_unit * frame
     live = mass >= LIVE * b_abs
     lam = torch.where(live, 2 * (c1 + b_abs / mass.clamp(min=1e-300)) * (1 + 2.0**-40), torch.zeros_like(mass))
     dust = torch.where(live, torch.zeros_like(mass), (mass + b_abs) / (1 - c1)).sum(-1) * inflate(mass.shape[-1])
@@ -225,11 +233,14 @@ def certify(
     rp_max, rh_max = r_p.amax(-1), r_h.amax(-1)
     grow_p = torch.where(rp_max <= DUST_RADIUS_MAX, torch.exp(2 * rp_max), torch.full_like(rp_max, math.inf))
     grow_h = torch.where(rh_max <= DUST_RADIUS_MAX, torch.exp(2 * rh_max), torch.full_like(rh_max, math.inf))
-    # TV(p, pi), TV(p_hat, pi), TV(p~, pi) over the live block masses, in one call
-    radii = torch.stack([r_p, r_h, torch.zeros_like(r_h)]) + lam
+    # TV(p, pi) and TV(p_hat, pi) over the live block masses, in one call. TV(p~, pi) has the radii
+    # lambda alone, all within one bin of the largest, where the divisible bound is the tanh bound
+    # (docs/theory.md section 8): that is taken directly
+    radii = torch.stack([r_p, r_h]) + lam
     nb_all = mass.shape[-1]
     tvs = tv_bound(m_live.expand_as(radii).reshape(-1, nb_all), radii.reshape(-1, nb_all), divisible=True)
-    tv_p, tv_h, tv_0 = tvs.reshape(radii.shape[:-1])
+    tv_p, tv_h = tvs.reshape(radii.shape[:-1])
+    tv_0 = tanh_bound(lam.amax(-1) + sum_radius(nb_all))
     one = torch.ones_like(tv_p)
     tv_pi = torch.minimum(tv_p + grow_p * dust, one)  # TV(p, pi), pi the live block masses' weights
     tv_key = torch.minimum(tanh_bound(eps.amax(-1)), tv_p + tv_h + (grow_p + grow_h) * dust).clamp(max=1.0)

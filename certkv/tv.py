@@ -34,6 +34,12 @@ HEAVY = 3  # tokens of largest mass decided exactly (2^HEAVY cases per row)
 RELAX_MAX_RADIUS = 8.0
 
 
+def sum_radius(n: int) -> float:
+    """The relative rounding of float64 sums of ``n`` masses (and the bins' own), taken by ``tv_bound``
+    as an extra logit radius added to every radius."""
+    return 4 * gamma(n + BINS + 8, U64)
+
+
 def tanh_bound(radius_max: torch.Tensor) -> torch.Tensor:
     """tanh(R/2) rounded up (float64), for the largest radius R of each row."""
     return torch.clamp(torch.tanh(radius_max / 2) * (1 + 4 * U64) + 4 * U64, max=1.0)
@@ -115,8 +121,7 @@ def tv_bound(mass: torch.Tensor, radius: torch.Tensor, divisible: bool = False) 
     mass = mass.to(torch.float64)
     radius = radius.to(torch.float64)
     n = mass.shape[-1]
-    # relative rounding of the float64 mass sums below, taken as an extra logit radius
-    extra = 4 * gamma(n + BINS + 8, U64)
+    extra = sum_radius(n)
     r_max = radius.amax(-1) + extra
     base = tanh_bound(r_max)
     use = (r_max <= RELAX_MAX_RADIUS) & (mass.sum(-1) > 0)

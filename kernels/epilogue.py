@@ -13,9 +13,10 @@ whatever the context): more than the decode kernel itself. Here the same float64
    their accuracy, the dust, value magnitudes and radii weighted by the masses. Per block the radii,
    accuracy and live mass go to a scratch buffer; per part the partial maxima and sums to another;
 3. ``_bins_kernel`` (same grid): each part's blocks binned for the divisible total-variation bound
-   of ``certkv.tv.tv_bound`` for three radius sets (p, p_hat, p~), whose bin edges need
-   the maxima over all parts (each program reduces the parts' radius-set slots in one pass; the
-   first stores them for the next launch);
+   of ``certkv.tv.tv_bound`` for the radius sets of p and p_hat (``EDGE_SETS``; p~'s radii lie within
+   one bin of their largest, where that bound is the tanh bound, docs/theory.md section 8), whose bin
+   edges need the maxima over all parts (each program reduces the parts' radius-set slots in one pass;
+   the first stores them for the next launch);
 4. ``_edges_kernel`` (batch row x head x query row, radius set, EDGE_BINS of the bins): the maximum of the
    divisible problem over the edges of the greedy's vertices (``certkv.tv._edges_max``), exact up to
    rounding; the vertices (i, j) with i among the program's bins;
@@ -74,14 +75,18 @@ MOST_PARTS = 32
 # B = 1, 26.1 at B = 8; 16 bins 7.6 / 25.5, 4 bins 8.6 / 47.2; profile_epilogue_edges.json)
 EDGE_BINS = 8
 FINAL_ROWS = 1  # query rows per program of the final pass
+# radius sets with an edge maximum: p (r_p + lambda) and p_hat (rho + lambda). p~'s radii are lambda
+# alone, live blocks' within a factor (c1 + 2^-20) / c1 < BIN_RATIO of each other, so all fall in the top
+# bin and its divisible bound is exactly the tanh bound (docs/theory.md section 8): the final pass takes
+# that directly (binning and maximising it was a third of the binning pass and the edge maximum)
+EDGE_SETS = tl.constexpr(2)
 
 
 @functools.lru_cache(maxsize=64)
 def _constants(device: torch.device, ar: streaming.Arithmetic, scale: float, d: int, blk: int) -> torch.Tensor:
     """The launch-invariant float64 constants, computed by the same Python expressions as the reference."""
     s_up = float(torch.tensor(scale, dtype=torch.float32)) * (1 + 2 * U32)
-    c1 = (streaming.ALPHA1 + gamma(blk) * (1 + streaming.ALPHA1)) * (1 + 4 * U64) + 4 * U64
-    b_abs = blk * streaming.BETA1 * (1 + gamma(blk)) * (1 + 4 * U64)
+    c1, b_abs = streaming.mass_error(blk)
     exps = torch.arange(BINS - 1, -1, -1, dtype=torch.float64)
     values = [
         s_up, ar.step * 255, ar.mag, ar.abs, ar.p_rel, ar.p_abs, ar.limit, ar.dot_u, gamma(d + 5, ar.dot_u),
@@ -248,14 +253,15 @@ def _summary_at(bh, gi, GR: tl.constexpr):
 @triton.jit
 def _radius_sets(red, c_ptr, nb_all, NS: tl.constexpr, BINS: tl.constexpr):
     """Per row: the largest radius of the sets p, p_hat, p~ (r + lambda; ``tv_bound``'s r_max, with its
-    rounding allowance ``extra``), the same clamped to the edge maximum's range, and the live mass."""
+    rounding allowance ``extra``), those of p and p_hat clamped to the edge maximum's range, and the live
+    mass."""
     extra = 4.0 * _gamma(nb_all + BINS + 8, tl.load(c_ptr + C_U64))
     relax = tl.load(c_ptr + C_RELAX)
     r_p = _slot(red, S_RLP, NS) + extra
     r_h = _slot(red, S_RLH, NS) + extra
     r_0 = _slot(red, S_LAM, NS) + extra
     total = _slot(red, S_TOTAL, NS)
-    return r_p, r_h, r_0, tl.minimum(r_p, relax), tl.minimum(r_h, relax), tl.minimum(r_0, relax), extra, total
+    return r_p, r_h, r_0, tl.minimum(r_p, relax), tl.minimum(r_h, relax), extra, total
 
 
 @triton.jit
@@ -511,7 +517,7 @@ def _bins_kernel(
     GR: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, BINS: tl.constexpr, NSTAT: tl.constexpr,
     NVG: tl.constexpr,
 ):  # fmt: skip
-    """Each chunk's live block masses (normalised) into the bins of the three radius sets. Every
+    """Each chunk's live block masses (normalised) into the bins of the radius sets of p and p_hat. Every
     program reduces the radius-set slots of the parts' statistics (the bin edges need the maxima over
     all parts); the first stores them for the edge maximum."""
     bh = tl.program_id(0)
@@ -520,7 +526,7 @@ def _bins_kernel(
     red = _reduce_parts(p_ptr, bh, n_parts, gi, NSTAT, NSUM, NVG, GR, GR)
     at_s = _summary_at(bh, gi, GR)
     tl.store(s_ptr + at_s, red, mask=at_s * 0 + part == 0)  # a tensor mask: the interpreter takes no scalar
-    _, _, _, rm_p, rm_h, rm_0, extra, total = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
+    _, _, _, rm_p, rm_h, extra, total = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
     ratio = tl.load(c_ptr + C_RATIO + tl.arange(0, BINS))
     norm = tl.where(total > 0, total, 1.0)
     n_qb = n_quant // BLK
@@ -529,7 +535,6 @@ def _bins_kernel(
     sc = scratch_ptr + bh * 4 * GR * nb_all
     bin_p = tl.zeros((GR, CB, BINS), tl.float64)
     bin_h = tl.zeros((GR, CB, BINS), tl.float64)
-    bin_0 = tl.zeros((GR, CB, BINS), tl.float64)
     for b0 in range(lo, hi, CB):
         blocks = b0 + tl.arange(0, CB)
         at = gi[:, None] * nb_all + blocks[None, :]
@@ -542,11 +547,9 @@ def _bins_kernel(
         )
         bin_p += _bin(r_p + lam, m_norm, rm_p, extra, ratio, BINS)
         bin_h += _bin(rho + lam, m_norm, rm_h, extra, ratio, BINS)
-        bin_0 += _bin(lam, m_norm, rm_0, extra, ratio, BINS)
-    at = ((bh * n_parts + part) * 3 * GR + gi[:, None]) * BINS + tl.arange(0, BINS)[None, :]
+    at = ((bh * n_parts + part) * EDGE_SETS * GR + gi[:, None]) * BINS + tl.arange(0, BINS)[None, :]
     tl.store(bins_ptr + at, tl.sum(bin_p, 1))
     tl.store(bins_ptr + at + GR * BINS, tl.sum(bin_h, 1))
-    tl.store(bins_ptr + at + 2 * GR * BINS, tl.sum(bin_0, 1))
 
 
 @triton.jit
@@ -569,13 +572,13 @@ def _edges_kernel(
     i0 = tl.program_id(2) * IB
     k = tl.arange(0, BINS)
     red = tl.load(s_ptr + _summary_at(bh, gi, GR))
-    _, _, _, rm_p, rm_h, rm_0, _, _ = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
-    rm = tl.sum(tl.where(which == 0, rm_p, tl.where(which == 1, rm_h, rm_0)), 0)
+    _, _, _, rm_p, rm_h, _, _ = _radius_sets(red, c_ptr, nb_all, NSUM, BINS)
+    rm = tl.sum(tl.where(which == 0, rm_p, rm_h), 0)
     mass = tl.zeros((BINS,), tl.float64)
     PC: tl.constexpr = 8
     for c0 in range(0, n_parts, PC):
         c = (c0 + tl.arange(0, PC))[:, None]
-        at = (((bh * n_parts + c) * 3 + which) * GR + tl.sum(gi, 0)) * BINS + k[None, :]
+        at = (((bh * n_parts + c) * EDGE_SETS + which) * GR + tl.sum(gi, 0)) * BINS + k[None, :]
         mass += tl.sum(tl.load(bins_ptr + at, mask=c < n_parts, other=0.0), 0)
     rad = rm * tl.load(c_ptr + C_RATIO + k)
     a, b = mass * tl.exp(rad), mass * tl.exp(-rad)
@@ -595,14 +598,15 @@ def _edges_kernel(
     moved_i = _edge_bound(a0, out_i, m0, a_i[:, None], b_i[:, None], m_i[:, None])
     moved_j = _edge_bound(a0, out_j, m0, a[None, :], b[None, :], mass[None, :])
     best = tl.where(k[None, :] >= i[:, None], tl.maximum(moved_i, moved_j), -float("inf"))
-    tl.store(edge_ptr + ((bh * 3 + which) * (BINS // IB) + tl.program_id(2)) * GR + gi, tl.max(tl.max(best, 1), 0))
+    at = ((bh * EDGE_SETS + which) * (BINS // IB) + tl.program_id(2)) * GR + gi
+    tl.store(edge_ptr + at, tl.max(tl.max(best, 1), 0))
 
 
 @triton.jit
 def _tv(edge_ptr, c_ptr, bh, which, r_max, rm, total, gi, GR: tl.constexpr, NG: tl.constexpr):
     """``certkv.tv.tv_bound(..., divisible=True)``: min(tanh bound, edge maximum + float64 slack)."""
     group = tl.arange(0, NG)[:, None]
-    edge_max = tl.max(tl.load(edge_ptr + ((bh * 3 + which) * NG + group) * GR + gi[None, :]), 0)
+    edge_max = tl.max(tl.load(edge_ptr + ((bh * EDGE_SETS + which) * NG + group) * GR + gi[None, :]), 0)
     base = _tanh_up(r_max, tl.load(c_ptr + C_U64))
     slack = tl.load(c_ptr + C_SLACK) * tl.exp(2.0 * rm) + 2.0**-45
     use = (r_max <= tl.load(c_ptr + C_RELAX)) & (total > 0)
@@ -656,10 +660,10 @@ def _final_kernel(
     eta_hi = _slots(red, S_VEC + NVG, NS2, NVG)
     eta_lo = _slots(red, S_VEC + 2 * NVG, NS2, NVG)
     eta_lo = tl.where((n_exact > 0) | (n_quant == 0), 0.0, eta_lo)  # exact tokens carry no value error
-    rmax_p, rmax_h, rmax_0, rm_p, rm_h, rm_0, _, total = _radius_sets(red, c_ptr, nb_all, NS2, BINS)
+    rmax_p, rmax_h, rmax_0, rm_p, rm_h, _, total = _radius_sets(red, c_ptr, nb_all, NS2, BINS)
     tv_p = _tv(edge_ptr, c_ptr, bh, 0, rmax_p, rm_p, total, gi, GR, NG)
     tv_h = _tv(edge_ptr, c_ptr, bh, 1, rmax_h, rm_h, total, gi, GR, NG)
-    tv_0 = _tv(edge_ptr, c_ptr, bh, 2, rmax_0, rm_0, total, gi, GR, NG)
+    tv_0 = tl.minimum(_tanh_up(rmax_0, u64), 1.0)  # EDGE_SETS: p~'s divisible bound is its tanh bound
 
     # ---- the terms: TV forms, the kernel's rounding, per channel; then the fields ----
     dust_max = tl.load(c_ptr + C_DUSTMAX)
@@ -783,8 +787,8 @@ def certify(
     scratch = torch.empty(bh, 4, gr, max(nb_all, 1), **f64)  # type: ignore[arg-type]
     stats = torch.empty(bh, n_parts, nstat, gr, **f64)  # type: ignore[arg-type]
     summary = torch.empty(bh, NSUM, gr, **f64)  # type: ignore[arg-type]
-    bins = torch.empty(bh, n_parts, 3, gr, BINS, **f64)  # type: ignore[arg-type]
-    edge = torch.empty(bh, 3, BINS // EDGE_BINS, gr, **f64)  # type: ignore[arg-type]
+    bins = torch.empty(bh, n_parts, EDGE_SETS, gr, BINS, **f64)  # type: ignore[arg-type]
+    edge = torch.empty(bh, EDGE_SETS, BINS // EDGE_BINS, gr, **f64)  # type: ignore[arg-type]
     consts = _constants(dev, ar, float(scale), d, blk)
     etok = min(STEP["tokens"], blk)  # exact tokens per program of the scales pass
     esub = blk // etok  # exact chunks (scales-pass programs) per exact block
@@ -810,7 +814,7 @@ def certify(
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
         **EXACT_OPS,
     )  # fmt: skip
-    _edges_kernel[(bh * gr, 3, BINS // EDGE_BINS)](
+    _edges_kernel[(bh * gr, EDGE_SETS, BINS // EDGE_BINS)](
         consts, summary, bins, edge, nb_all, n_parts,
         GR=gr, BINS=BINS, IB=EDGE_BINS, num_warps=WARPS["edges"], **EXACT_OPS,
     )  # fmt: skip

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 from certkv.kernels.decode import Tier1, code_descriptors, decode_partials, from_cache, partials_reference
 
 import certkv
-from certkv.streaming import BOUND_FIELDS, certify, kernel_step
+from certkv.streaming import BOUND_FIELDS, LIVE, certify, kernel_step, mass_error
+from certkv.tv import BIN_RATIO, sum_radius, tanh_bound, tv_bound
 from tests.helpers import assert_sound, kernel_result, make_kv, make_q
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,6 +77,27 @@ def test_kernel_statistics_give_the_certificate_of_exact_statistics(dtype, preci
 
 def on_cpu(t1: Tier1) -> Tier1:
     return t1.map(lambda t: t.cpu())
+
+
+@pytest.mark.parametrize("blk", [16, 32, 64, 128])
+def test_the_tilde_radii_fill_the_top_bin_so_their_divisible_bound_is_the_tanh_bound(blk):
+    # the certificate takes TV(p~, pi) as the tanh bound of its largest radius, without binning or an
+    # edge maximum (EDGE_SETS in the fused epilogue): a live block's radius lambda = 2 (c1 + b / M)
+    # (1 + 2^-40) with M >= LIVE b lies within a factor BIN_RATIO of every other's, so all the live mass
+    # rounds up into the top bin, a problem of one radius, where tv_bound can do no better than tanh
+    c1, _ = mass_error(blk)
+    lo, hi = 2 * c1, 2 * (c1 + 1 / LIVE) * (1 + 2.0**-40)
+    assert hi / lo < BIN_RATIO
+    gen = torch.Generator().manual_seed(blk)
+    rows, n = 64, 300
+    mass = torch.rand(rows, n, generator=gen, dtype=torch.float64) ** 6  # masses over decades
+    lam = lo + (hi - lo) * torch.rand(rows, n, generator=gen, dtype=torch.float64)
+    lam[:16, :2] = torch.tensor([lo, hi], dtype=torch.float64)  # both extremes in one row
+    dust = torch.rand(rows, n, generator=gen) < 0.3  # blocks that are not live: no mass, no radius
+    mass[dust], lam[dust] = 0.0, 0.0
+    mass[16:24, 1:] = 0.0  # one live block
+    got = tv_bound(mass, lam, divisible=True)
+    assert torch.equal(got, tanh_bound(lam.amax(-1) + sum_radius(n)))
 
 
 def test_no_exact_tokens():

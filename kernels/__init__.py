@@ -8,4 +8,7 @@ cache serves stage 0 through it on CUDA (docs/benchmarks.md has its measurements
 
 ``append``: quantizes and packs whole blocks into the paper layout in one launch, bit for bit the
 torch quantizer's output; ``TieredKVCache`` appends through it on CUDA.
+
+``launch``: every launch above, past Triton's generic dispatch once Triton has chosen the kernel for
+the arguments' specialisation (less host time for eager steps; the same compiled kernels).
 """

@@ -21,6 +21,7 @@ import triton.language as tl
 from certkv.quant import RADIUS_FACTOR, QuantizedTensor
 
 from .decode import EXACT_OPS
+from .launch import launcher
 
 KEY_GROUP = 128
 VALUE_GROUP = 64
@@ -96,7 +97,7 @@ def append_block(
     vc = torch.empty(b, h, n, d // 2, dtype=torch.uint8, device=k.device)
     vs = torch.empty(b, h, n, d // VALUE_GROUP, dtype=k.dtype, device=k.device)
     vz, vr = torch.empty_like(vs), torch.empty_like(vs, dtype=torch.float32)
-    _append_kernel[(b * h, n // KEY_GROUP)](
+    launcher(_append_kernel)[(b * h, n // KEY_GROUP)](
         k.contiguous(), v.contiguous(), kc, ks, kz, kr, vc, vs, vz, vr, n,
         D=d, DT=dt, UT=tl.uint16, RADIUS=RADIUS_FACTOR, **EXACT_OPS,
     )  # fmt: skip

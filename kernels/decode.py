@@ -34,6 +34,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from certkv.quant import QuantizedTensor
 
+from .launch import launcher
+
 KEY_GROUP = 128
 VALUE_GROUP = 64
 LOG2E = 1.4426950408889634
@@ -519,7 +521,7 @@ def decode_partials(
     halves = precision != "fma"
     descriptors = code_descriptors(t1, block, tma, key_chunks, halves)
     kc, vc = descriptors or (t1.kc, t1.vc)
-    _decode_kernel[(b * h, s + 1)](
+    launcher(_decode_kernel)[(b * h, s + 1)](
         q.contiguous(), kc, t1.ks, t1.kz, vc, t1.vs, t1.vz, t1.sink_k, t1.sink_v, t1.win_k, t1.win_v,
         *(t1.kc if x is None else x for x in prom),
         m, l_sum, acc, *(m if x is None else x for x in stats),

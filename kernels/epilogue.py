@@ -46,6 +46,7 @@ from certkv.rounding import U32, U64, gamma, inflate
 from certkv.tv import BIN_RATIO, BINS, HEAVY, RELAX_MAX_RADIUS
 
 from .decode import EXACT_OPS, KEY_GROUP, VALUE_GROUP, Partials, Tier1, block_count
+from .launch import launcher
 
 # the float64 constants' slots in the table the kernel reads (Triton passes float scalars as binary32)
 (C_SUP, C_STEP255, C_MAG, C_ABS, C_PREL, C_PABS, C_LIMIT, C_DOTU, C_QDOT, C_INFD, C_C1, C_BABS, C_LIVE, C_DUSTMAX,
@@ -797,29 +798,29 @@ def certify(
     qstat = torch.empty(bh, n_quant // blk, nqs, **f64)  # type: ignore[arg-type]
     erec = torch.empty(bh, n_eparts, gr + 2, **f64)  # type: ignore[arg-type]
     if n_quant // KEY_GROUP + n_eparts:
-        _scales_kernel[(bh, n_quant // KEY_GROUP + n_eparts)](
+        launcher(_scales_kernel)[(bh, n_quant // KEY_GROUP + n_eparts)](
             q.contiguous(), t1.ks, t1.kz, t1.vs, t1.vz, *(x.contiguous() for seg in segments for x in seg),
             consts, qstat, erec, n_quant, *counts,
             G=g, GR=gr, D=d, BLK=blk, ETOK=etok, ESUB=esub, NQS=nqs, QROUND=ar.rounds_inputs,
             num_warps=WARPS["scales"], **EXACT_OPS,
         )  # fmt: skip
-    _blocks_kernel[(bh, n_parts)](
+    launcher(_blocks_kernel)[(bh, n_parts)](
         qstat, erec, p.m, p.bmass, p.bframe, consts, scratch, stats,
         n_quant, p.splits, nb_all, chunk, n_chunks, n_parts,
         G=g, GR=gr, GP=p.m.shape[-1], D=d, BLK=blk, CB=STEP["blocks"], ESUB=esub, NQS=nqs,
         NSTAT=nstat, QROUND=ar.rounds_inputs, num_warps=WARPS["blocks"], **EXACT_OPS,
     )  # fmt: skip
-    _bins_kernel[(bh, n_parts)](
+    launcher(_bins_kernel)[(bh, n_parts)](
         consts, scratch, stats, summary, bins, n_quant, nb_all, chunk, n_chunks, n_parts,
         GR=gr, BLK=blk, CB=STEP["bins"], BINS=BINS, NSTAT=nstat, NVG=d // 64, num_warps=WARPS["bins"],
         **EXACT_OPS,
     )  # fmt: skip
-    _edges_kernel[(bh * gr, EDGE_SETS, BINS // EDGE_BINS)](
+    launcher(_edges_kernel)[(bh * gr, EDGE_SETS, BINS // EDGE_BINS)](
         consts, summary, bins, edge, nb_all, n_parts,
         GR=gr, BINS=BINS, IB=EDGE_BINS, num_warps=WARPS["edges"], **EXACT_OPS,
     )  # fmt: skip
     final_rows = min(FINAL_ROWS, gr)
-    _final_kernel[(bh * (gr // final_rows),)](
+    launcher(_final_kernel)[(bh * (gr // final_rows),)](
         p.m, p.l, p.acc, p.resc, v_min.contiguous(), v_max.contiguous(), consts, stats, edge, out, fields, stage0_ints,
         accepted,
         n_quant, sum(counts), p.splits, nb_split, nb_all, n_parts,

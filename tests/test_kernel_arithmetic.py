@@ -81,7 +81,7 @@ def test_every_certkv_launch_compiles_without_contraction(monkeypatch):
     # the rounding model follows each operation as written; with contraction the GPU build fused the
     # logit scaling into the exp2 argument (docs/benchmarks.md, "No floating-point contraction"), so
     # each of the seven kernels must be launched with enable_fp_fusion=False
-    from certkv.kernels import append, decode, epilogue
+    from certkv.kernels import append, decode, epilogue, launch
     from certkv.kernels.decode import decode_partials, from_cache
 
     from tests.helpers import make_kv, make_q
@@ -90,6 +90,9 @@ def test_every_certkv_launch_compiles_without_contraction(monkeypatch):
     kernels = [append._append_kernel, decode._decode_kernel]
     kernels += [getattr(epilogue, f"_{name}_kernel") for name in ("scales", "blocks", "bins", "edges", "final")]
     fusion: dict[str, object] = {}
+    # every launch through Triton's own path, where the options are recorded (direct launches reuse the
+    # kernel compiled by such a launch with the same options: certkv.kernels.launch)
+    monkeypatch.setattr(launch, "ENABLED", False)
     for kernel in kernels:
 
         def record(*args, _kernel=kernel, _run=kernel.run, **kwargs):

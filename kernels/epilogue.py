@@ -254,8 +254,8 @@ def _summary_at(bh, gi, GR: tl.constexpr):
 @triton.jit
 def _radius_sets(red, c_ptr, nb_all, NS: tl.constexpr, BINS: tl.constexpr):
     """Per row: the largest radius of the sets p, p_hat, p~ (r + lambda; ``tv_bound``'s r_max, with its
-    rounding allowance ``extra``), those of p and p_hat clamped to the edge maximum's range, and the live
-    mass."""
+    rounding allowance ``extra``, ``certkv.tv.sum_radius(nb_all)``, which the reference's p~ bound adds
+    too), those of p and p_hat clamped to the edge maximum's range, and the live mass."""
     extra = 4.0 * _gamma(nb_all + BINS + 8, tl.load(c_ptr + C_U64))
     relax = tl.load(c_ptr + C_RELAX)
     r_p = _slot(red, S_RLP, NS) + extra

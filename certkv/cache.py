@@ -21,13 +21,18 @@ from certkv.calibration import Calibration, default_books
 from certkv.certificate import AttentionResult, Certificate
 from certkv.codebook import BookTensor, Codebook, join, outlier_mask, quantize_book
 from certkv.config import CertConfig
-from certkv.ladder import LadderOutcome, accepts, serve, tolerance
+from certkv.ladder import LadderOutcome, accepts, dense_stage, serve, tolerance
 from certkv.quant import DEQUANT_REL, QuantizedTensor, quantize
 
 if TYPE_CHECKING:
     from certkv.trace import TraceRecorder
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# counters of ``TieredKVCache.kernel_steps``: layer-steps the decode kernel was tried on and served
+# without the torch ladder; of those, the ones that fetched rows (its stage 2) or served a row dense
+KERNEL_STEPS = ("tried", "served", "fetched", "dense")
 
 
 @dataclass
@@ -131,8 +136,8 @@ class TieredKVCache:
         # two, at least one value group); on CUDA appends go through certkv.kernels.append
         self._kernel_layout = cfg.paper_layout and head_dim >= 64 and head_dim & (head_dim - 1) == 0
         self._append_kernel = self._pin and self._kernel_layout
-        # layer-steps the decode kernel was tried on and served (CertConfig.decode_kernel)
-        self.kernel_steps = {"tried": 0, "served": 0}
+        # CertConfig.decode_kernel's layer-steps (KERNEL_STEPS)
+        self.kernel_steps = dict.fromkeys(KERNEL_STEPS, 0)
         if recorder is not None:
             recorder.bind(self)
 
@@ -418,7 +423,7 @@ class TieredKVCache:
             raise errors.ConfigError(f"scale={scale!r}: must be a finite positive number")
         g = hq // self.num_kv_heads
         qg = q.reshape(b, self.num_kv_heads, g, d)
-        outcome = self._kernel_stage0(layer, st, qg, float(scale))
+        outcome = self._kernel_ladder(layer, st, qg, float(scale))
         if outcome is None:
             outcome = serve(
                 qg,
@@ -442,33 +447,60 @@ class TieredKVCache:
             _raise_if_rejected(layer, cert)
         return result
 
-    def _kernel_stage0(self, layer: int, st: _Layer, qg: torch.Tensor, scale: float) -> LadderOutcome | None:
-        """Stage 0 from the fused decode kernel (``CertConfig.decode_kernel``) when it applies and
-        certifies every head; None sends the step to the torch ladder."""
+    def _kernel_ladder(self, layer: int, st: _Layer, qg: torch.Tensor, scale: float) -> LadderOutcome | None:
+        """The ladder with stage 0 from the fused decode kernel (``CertConfig.decode_kernel``) when it
+        applies: the query rows its stage 0 leaves uncertified are served again by the kernel with FP16
+        keys and values fetched for their heads' heaviest-error tokens (stage 2, ``certkv.kernel_ladder``),
+        and the rows still uncertified by dense attention over their heads' originals (stage 3).
+        None sends the step to the torch ladder: the kernel does not apply, or a row is uncertified
+        and ``max_stage`` stops the ladder before the stage it needs."""
         cfg = self.config
         if cfg.decode_kernel == "never":
             return None
         # "auto": on CUDA at any length. Per layer-step on the H100 the kernel with its fused epilogue
-        # costs 0.3-0.5 ms eager against 8 ms (2K) to 60 ms (128K) on the torch path; a step it
-        # leaves uncertified pays both, and on the tiny model at 2K the kernel first still served more
-        # tokens/s once compiled (docs/benchmarks.md)
+        # costs 0.3-0.5 ms eager against 8 ms (2K) to 60 ms (128K) on the torch path; a step its stage 2
+        # leaves uncertified pays both (docs/benchmarks.md)
         if cfg.decode_kernel == "auto" and self.device.type != "cuda":
             return None
         usable = self._kernel_layout and self.transform is None and self.recorder is None
-        if not usable or st.qk is None or st.v_min is None:
+        if not usable or st.qk is None or st.v_min is None or st.v_max is None:
             return None
+        from certkv.kernel_ladder import stage2
         from certkv.kernels.decode import from_cache
         from certkv.streaming import kernel_step
 
-        out, cert = kernel_step(qg, from_cache(self, layer), scale, st.v_min, st.v_max)  # type: ignore[arg-type]
+        v_min, v_max = st.v_min, st.v_max
+
+        def step(t1: object) -> tuple[torch.Tensor, Certificate]:
+            return kernel_step(qg, t1, scale, v_min, v_max)
+
+        def fetch(b: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = self._fetch_rows(st, b, h, t)
+            assert k is not None
+            return k, v
+
+        t1 = from_cache(self, layer)
+        out, cert = step(t1)
         cert.tolerance = tolerance(cfg, out)
         cert.accepted = accepts(cfg, cert, cert.tolerance)
         self.kernel_steps["tried"] += 1
-        if not bool(cert.accepted.all()):
-            return None
-        self.kernel_steps["served"] += 1
         none = torch.zeros(qg.shape[0], self.num_kv_heads, st.length, dtype=torch.bool, device=qg.device)
-        return LadderOutcome(out, cert, none, none.clone())
+        rows = none.clone()
+        if not bool(cert.accepted.all()):
+            if cfg.max_stage < 2:
+                return None
+            fetched = stage2(qg, t1, scale, v_min, v_max, cfg, out, cert, st.n_sink, fetch, step)
+            if fetched is not None:
+                out, cert, chosen = fetched
+                rows[:, :, st.n_sink : st.n_sink + st.n_quant] = chosen
+        if not bool(cert.accepted.all()):
+            if cfg.max_stage < 3:
+                return None
+            out, cert = dense_stage(qg, scale, cfg, out, cert, lambda b, h: self._fetch_dense(st, b, h), st.length)
+        self.kernel_steps["served"] += 1
+        self.kernel_steps["fetched"] += int(bool(rows.any()))
+        self.kernel_steps["dense"] += int(bool((cert.stage == 3).any()))
+        return LadderOutcome(out, cert, none, rows)
 
     def _fetch_rows(
         self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor, keys: bool = True

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from certkv.cache import KERNEL_STEPS
 from certkv.calibration import for_model
 from certkv.codec import TextCodec
 from certkv.config import CertConfig
@@ -76,7 +77,7 @@ class MethodResult:
     rejected: int = 0
     memory_ratio: float = math.nan
     tokens_per_s: float = math.nan
-    kernel_steps: dict[str, int] = field(default_factory=lambda: {"tried": 0, "served": 0})
+    kernel_steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KERNEL_STEPS, 0))
 
     @property
     def fallback(self) -> list[float]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from certkv import errors
-from certkv.cache import MemoryReport, TieredKVCache
+from certkv.cache import KERNEL_STEPS, MemoryReport, TieredKVCache
 from certkv.calibration import for_model
 from certkv.certificate import AttentionResult
 from certkv.config import CertConfig
@@ -109,7 +109,7 @@ class CacheReport:
 
     layers: list[LayerStats]
     memory: MemoryReport
-    kernel_steps: dict[str, int] = field(default_factory=lambda: {"tried": 0, "served": 0})
+    kernel_steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KERNEL_STEPS, 0))
 
     @property
     def stages(self) -> list[int]:
@@ -276,7 +276,7 @@ class CertifiedCache(Cache):
     def report(self) -> CacheReport:
         """Certificate statistics per layer and the tiers' memory (zeros before the first token)."""
         memory = self.tiered.memory_report() if self.tiered is not None else MemoryReport(0, 0, 0, 0)
-        kernel = dict(self.tiered.kernel_steps) if self.tiered is not None else {"tried": 0, "served": 0}
+        kernel = dict(self.tiered.kernel_steps) if self.tiered is not None else dict.fromkeys(KERNEL_STEPS, 0)
         return CacheReport([LayerStats(**vars(s)) for s in self.stats], memory, kernel)
 
 

@@ -46,7 +46,7 @@ def accepts(cfg: CertConfig, cert: Certificate, tol: torch.Tensor) -> torch.Tens
     return (cert.tv_bound <= cfg.tv_tol) & (cert.output_bound <= tol)
 
 
-def _select(contrib: torch.Tensor, target: torch.Tensor, need: torch.Tensor, cap: int) -> torch.Tensor:
+def select(contrib: torch.Tensor, target: torch.Tensor, need: torch.Tensor, cap: int) -> torch.Tensor:
     """Fewest tokens per (b, kv head) whose removal leaves sum(contrib) <= target, at most ``cap``.
 
     contrib: [B, Hkv, n] >= 0; target: [B, Hkv]; need: bool [B, Hkv]. Returns bool [B, Hkv, n]."""
@@ -58,6 +58,36 @@ def _select(contrib: torch.Tensor, target: torch.Tensor, need: torch.Tensor, cap
     chosen_sorted = torch.arange(contrib.shape[-1], device=contrib.device) < count[..., None]
     chosen_sorted &= vals > 0
     return torch.zeros_like(chosen_sorted).scatter(-1, order, chosen_sorted)
+
+
+def dense_stage(
+    q: torch.Tensor,
+    scale: float,
+    cfg: CertConfig,
+    out: torch.Tensor,
+    cert: Certificate,
+    fetch_dense: DenseFetch,
+    n: int,
+) -> tuple[torch.Tensor, Certificate]:
+    """Stage 3 for the query rows of q [B, Hkv, G, D] that ``cert`` (of ``out``, its tolerance and
+    acceptance set) does not accept: each (batch row, KV head) with such a row fetches its ``n`` tokens'
+    originals and those rows are served by dense attention over them (``certified_step`` on exact
+    tokens); the other rows keep ``out`` and ``cert``."""
+    failing = ~cert.accepted
+    pairs = failing.any(-1).nonzero(as_tuple=True)
+    k_d, v_d = fetch_dense(*pairs)
+    out_d, cert_d, _ = certified_step(q[pairs].unsqueeze(1), StepTokens.exact(k_d, v_d), scale, out.dtype)
+    full_out = out.clone()
+    full_out[pairs] = out_d[:, 0]
+    dense_cert = cert.clone()
+    for name, value in cert_d.to_dict().items():
+        getattr(dense_cert, name)[pairs] = value[:, 0]
+    dense_cert.stage[pairs] = 3
+    dense_cert.fetched_values[pairs] = n
+    dense_cert.fetched_keys[pairs] = n
+    dense_cert.tolerance = tolerance(cfg, full_out)
+    dense_cert.accepted = accepts(cfg, dense_cert, dense_cert.tolerance)
+    return torch.where(failing[..., None], full_out, out), cert.where(failing, dense_cert)
 
 
 def serve(
@@ -93,7 +123,7 @@ def serve(
             target = TARGET_SHARE * torch.minimum(
                 torch.full_like(v_range, cfg.tv_tol), torch.where(failing, cert.tolerance, torch.inf).amin(-1) / v_range
             )
-        chosen = _select(contrib, target, need, cap)
+        chosen = select(contrib, target, need, cap)
         b, h, i = chosen.nonzero(as_tuple=True)
         k_rows, v_rows = fetch_rows(b, h, i, stage == 2)
         current = current.with_exact((b, h, i), k=k_rows, v=v_rows)
@@ -107,21 +137,8 @@ def serve(
         out = torch.where(take[..., None], out_s, out)
         cert = cert.where(take, cert_s)
         detail = detail_s
-    failing = ~cert.accepted
-    if cfg.max_stage >= 3 and bool(failing.any()):
-        pairs = failing.any(-1).nonzero(as_tuple=True)
-        k_d, v_d = fetch_dense(*pairs)
-        out_d, cert_d, _ = certified_step(q[pairs].unsqueeze(1), StepTokens.exact(k_d, v_d), scale, out_dtype)
-        full_out = out.clone()
-        full_out[pairs] = out_d[:, 0]
-        dense_cert = cert.clone()
-        for name, value in cert_d.to_dict().items():
-            getattr(dense_cert, name)[pairs] = value[:, 0]
-        dense_cert.stage[pairs] = 3
-        dense_cert.tolerance = tolerance(cfg, full_out)
-        dense_cert.accepted = accepts(cfg, dense_cert, dense_cert.tolerance)
-        out = torch.where(failing[..., None], full_out, out)
-        cert = cert.where(failing, dense_cert)
+    if cfg.max_stage >= 3 and not bool(cert.accepted.all()):
+        out, cert = dense_stage(q, scale, cfg, out, cert, fetch_dense, n)
     n1, n2 = rows[1].sum(-1, keepdim=True), rows[2].sum(-1, keepdim=True)
     served = cert.stage
     none = torch.zeros_like(n1)

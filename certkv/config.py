@@ -58,9 +58,10 @@ class CertConfig:
     recorder, a head dimension the kernels tile (a power of two >= 64). "auto" on CUDA, "always" also
     on the CPU (Triton's interpreter: for tests), "never" the torch path only. The heads the
     kernel's stage 0 does not certify fetch FP16 keys and values for the tokens that carry their
-    error and are served again by the kernel (stage 2, ``certkv.kernel_ladder``; ``max_stage`` >= 2);
-    a step still not certified for every head is re-served by the torch ladder, whose stage-0 bounds
-    are tighter up to 32K (per-token forms).
+    error and are served again by the kernel (stage 2, ``certkv.kernel_ladder``), and those still
+    uncertified are served dense (stage 3). Where ``max_stage`` stops before the stage a head needs,
+    the step is re-served by the torch ladder, whose stage-0 bounds are tighter up to 32K (per-token
+    forms).
     ``strict``: raise ``CertificationError`` when the served bound exceeds tolerance.
     ``self_check``: recompute every step in float64 from Tier-2 and raise if a bound is violated
     (a debugging aid: it reads the originals, which certification never does).

@@ -514,7 +514,10 @@ class TieredKVCache:
         out = []
         for buf in (st.tier2_k, st.tier2_v) if keys else (st.tier2_v,):
             rows = torch.empty((len(flat), self.head_dim), dtype=buf.dtype, pin_memory=self._pin)
-            torch.index_select(buf.view(-1, self.head_dim), 0, flat, out=rows)
+            # gathered as 16-bit integers, the same bits: some torch CPU builds have no fast index_select
+            # for FP16/BF16 (torch 2.13 here: 326 us for 480 rows of 128 against 6 as int16; torch 2.11
+            # on the H100 host: 12-13 us either way)
+            torch.index_select(buf.view(-1, self.head_dim).view(torch.int16), 0, flat, out=rows.view(torch.int16))
             out.append(rows.to(self.device, non_blocking=self._pin))
         return (out[0], out[1]) if keys else (None, out[0])
 

@@ -474,11 +474,6 @@ class TieredKVCache:
         def step(t1: object) -> tuple[torch.Tensor, Certificate]:
             return kernel_step(qg, t1, scale, v_min, v_max)
 
-        def fetch(b: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            k, v = self._fetch_rows(st, b, h, t)
-            assert k is not None
-            return k, v
-
         t1 = from_cache(self, layer)
         out, cert = step(t1)
         cert.tolerance = tolerance(cfg, out)
@@ -489,7 +484,10 @@ class TieredKVCache:
         if not bool(cert.accepted.all()):
             if cfg.max_stage < 2:
                 return None
-            fetched = stage2(qg, t1, scale, v_min, v_max, cfg, out, cert, st.n_sink, fetch, step)
+            fetched = stage2(
+                qg, t1, scale, v_min, v_max, cfg, out, cert, st.n_sink,
+                lambda bi, hi, ti, keys: self._fetch_rows(st, bi, hi, ti, keys), step,
+            )  # fmt: skip
             if fetched is not None:
                 out, cert, chosen = fetched
                 rows[:, :, st.n_sink : st.n_sink + st.n_quant] = chosen

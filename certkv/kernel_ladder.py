@@ -24,14 +24,11 @@ import torch
 
 from certkv.certificate import Certificate
 from certkv.config import CertConfig
-from certkv.ladder import TARGET_SHARE, accepts, select, tolerance
+from certkv.ladder import TARGET_SHARE, RowFetch, accepts, select, tolerance
 from certkv.quant import RADIUS_FACTOR
 
 # bytes of binary32 temporaries per chunk of failing heads in ``token_shares`` (dequantized keys)
 CHUNK_BYTES = 1 << 28
-
-# Tier-2 row reader: (batch, kv head, token index in cache order) -> (keys, values) [m, D] on the device
-RowFetch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def token_shares(
@@ -144,7 +141,8 @@ def stage2(
     b, h, i = chosen.nonzero(as_tuple=True)
     if len(b) == 0:
         return None
-    k_rows, v_rows = fetch_rows(b, h, i + n_sink)
+    k_rows, v_rows = fetch_rows(b, h, i + n_sink, True)
+    assert k_rows is not None
     out2, cert2 = step(with_fetched(t1, (b, h, i), k_rows, v_rows))
     cert2.stage = torch.full_like(cert2.stage, 2)
     count = chosen.sum(-1, keepdim=True).expand_as(cert2.stage)

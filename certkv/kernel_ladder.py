@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from certkv import errors
 from certkv.certificate import Certificate
 from certkv.config import CertConfig
 from certkv.ladder import TARGET_SHARE, RowFetch, accepts, select, tolerance
@@ -83,9 +84,12 @@ def with_fetched(
     rank = torch.arange(len(pair), device=pair.device) - (torch.cumsum(counts, 0) - counts)[pair]
     have = t1.n_promoted
     size = have + int(counts.max()) if len(pair) else have
+    # the originals as they are: a conversion could change them while the certificate takes them as exact
+    if not (k.dtype == v.dtype == t1.sink_k.dtype):
+        raise errors.DTypeError(f"fetched rows are {k.dtype}/{v.dtype}, Tier-1's exact tokens {t1.sink_k.dtype}")
     out = Tier1(**vars(t1))
-    out.prom_k = t1.sink_k.new_zeros(nb, nh, size, d)
-    out.prom_v = t1.sink_v.new_zeros(nb, nh, size, d)
+    out.prom_k = torch.zeros(nb, nh, size, d, dtype=k.dtype, device=t1.kc.device)
+    out.prom_v = torch.zeros(nb, nh, size, d, dtype=v.dtype, device=t1.kc.device)
     out.prom_idx = torch.full((nb, nh, size), -1, dtype=torch.int64, device=t1.kc.device)
     out.prom_mask = torch.zeros(nb, nh, n, dtype=torch.uint8, device=t1.kc.device)
     if have:
@@ -94,8 +98,8 @@ def with_fetched(
         out.prom_k[:, :, :have], out.prom_v[:, :, :have] = t1.prom_k, t1.prom_v
         out.prom_idx[:, :, :have] = t1.prom_idx
         out.prom_mask.copy_(t1.prom_mask)
-    out.prom_k[b, h, have + rank] = k.to(out.prom_k.dtype)
-    out.prom_v[b, h, have + rank] = v.to(out.prom_v.dtype)
+    out.prom_k[b, h, have + rank] = k
+    out.prom_v[b, h, have + rank] = v
     out.prom_idx[b, h, have + rank] = i
     out.prom_mask[b, h, i] = 1
     return out

@@ -117,3 +117,6 @@ def test_fetched_rows_join_the_promotion_slots_after_the_promoted_ones():
     assert sorted(out.prom_mask[0, 1].nonzero().flatten().tolist()) == [5, 7, 9, 107]
     assert out.prom_mask[0, 0].nonzero().flatten().tolist() == [3]
     assert t1.prom_mask is not None and int(t1.prom_mask.sum()) == 2  # the cache's own Tier-1 untouched
+    # rows in another dtype would be converted, and no longer be the originals: refused
+    with pytest.raises(certkv.errors.DTypeError, match="fetched rows"):
+        with_fetched(t1, rows, keys.bfloat16(), -keys)

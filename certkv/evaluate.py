@@ -295,8 +295,10 @@ def to_markdown(results: list[MethodResult], unit: str = "byte") -> str:
             delta = f"{diff:+.4f} ± {err:.4f}" if math.isfinite(diff) else "-"
             share = "/".join(f"{x:.1%}" for x in r.fallback) if sum(r.stages) else "-"
             mem = f"{r.memory_ratio:.3f}" if math.isfinite(r.memory_ratio) else "-"
-            tried = r.kernel_steps["tried"]
-            kernel = f"{r.kernel_steps['served']}/{tried}" if tried else "-"
+            ks = r.kernel_steps
+            kernel = f"{ks['served']}/{ks['tried']}" if ks["tried"] else "-"
+            if ks.get("fetched") or ks.get("dense"):  # the kernel ladder's stage 2 and dense steps
+                kernel += f" ({ks.get('fetched', 0)} fetched, {ks.get('dense', 0)} dense)"
             lines.append(
                 f"| {r.setting} | {r.method} | {r.quality:.4f} ± {r.stderr:.4f} | {delta} | {share} | {r.rejected} "
                 f"| {mem} | {kernel} | {r.tokens_per_s:.1f} |"

@@ -115,3 +115,7 @@ def test_markdown_shows_the_layer_steps_the_kernel_served():
     torch_path = MethodResult("bpb", "ctx 2048", "certified-torch", 1.3, 0.3, [1.3], [9, 1, 1, 0], 0, 0.58, 7.7)
     rows = [line for line in to_markdown([served, torch_path]).splitlines() if line.startswith("| ctx")]
     assert "| 0.580 | 185/378 | 8.5 |" in rows[0] and "| 0.580 | - | 7.7 |" in rows[1]
+    # the kernel ladder's counts, where there are any
+    served.kernel_steps = {"tried": 378, "served": 378, "fetched": 120, "dense": 9}
+    rows = [line for line in to_markdown([served]).splitlines() if line.startswith("| ctx")]
+    assert "| 0.580 | 378/378 (120 fetched, 9 dense) | 8.5 |" in rows[0]

@@ -86,6 +86,13 @@ def _edges(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
     return before, before.T.contiguous(), ((i < kk) & (kk <= j)).double(), ((i <= kk) & (kk < j)).double()
 
 
+@functools.lru_cache(maxsize=8)
+def _subsets(k: int, device: torch.device) -> torch.Tensor:
+    """Every 0/1 membership of k heavy masses, [2^k, k] float64, built once per count and device (never
+    written to): built per call it was a host-to-device copy, which waits for the stream, twice a step."""
+    return torch.tensor([[(s >> j) & 1 for j in range(k)] for s in range(1 << k)], dtype=torch.float64, device=device)
+
+
 def _edges_max(problem: dict[str, torch.Tensor]) -> torch.Tensor:
     """max over x in [0,1]^K of A/(A + B) - M (the heavy tokens' membership fixed by h_in), bounded from
     above, one value per row: the maximum over the edges of the greedy's vertices (docs/theory.md
@@ -142,9 +149,7 @@ def tv_bound(mass: torch.Tensor, radius: torch.Tensor, divisible: bool = False) 
     edges[:, -1] = rm
     idx = torch.searchsorted(edges.contiguous(), r.contiguous(), right=False).clamp(max=BINS - 1)
     binned = torch.zeros(rows, BINS, dtype=torch.float64, device=dev).scatter_add_(1, idx, light)
-    subsets = torch.tensor(
-        [[(s >> j) & 1 for j in range(k_heavy)] for s in range(1 << k_heavy)], dtype=torch.float64, device=dev
-    )
+    subsets = _subsets(k_heavy, dev)
     reps = subsets.shape[0]
     problem = {
         "mass": binned.repeat_interleave(reps, 0),

@@ -25,7 +25,7 @@ import torch
 from certkv import errors
 from certkv.certificate import Certificate
 from certkv.config import CertConfig
-from certkv.ladder import TARGET_SHARE, RowFetch, accepts, select, tolerance
+from certkv.ladder import TARGET_SHARE, RowFetch, accepts, fetch_cap, select, tolerance
 from certkv.quant import RADIUS_FACTOR
 
 # bytes of binary32 temporaries per chunk of failing heads in ``token_shares`` (dequantized keys)
@@ -140,8 +140,7 @@ def stage2(
     shares[pairs[:, 0], pairs[:, 1]] = token_shares(q, t1, scale, value_range, pairs).double()
     target = TARGET_SHARE * torch.where(failing, cert.tolerance, torch.inf).amin(-1)
     n = t1.kc.shape[2] + t1.sink_k.shape[2] + t1.win_k.shape[2]
-    cap = max(1, math.ceil(cfg.fetch_fraction * n))
-    chosen = select(shares, target, need, cap)
+    chosen = select(shares, target, need, fetch_cap(cfg, n))
     b, h, i = chosen.nonzero(as_tuple=True)
     if len(b) == 0:
         return None

@@ -46,6 +46,11 @@ def accepts(cfg: CertConfig, cert: Certificate, tol: torch.Tensor) -> torch.Tens
     return (cert.tv_bound <= cfg.tv_tol) & (cert.output_bound <= tol)
 
 
+def fetch_cap(cfg: CertConfig, n: int) -> int:
+    """The most tokens one head of ``n`` may fetch at a stage below the dense one (``fetch_fraction``)."""
+    return max(1, math.ceil(cfg.fetch_fraction * n))
+
+
 def select(contrib: torch.Tensor, target: torch.Tensor, need: torch.Tensor, cap: int) -> torch.Tensor:
     """Fewest tokens per (b, kv head) whose removal leaves sum(contrib) <= target, at most ``cap``.
 
@@ -106,7 +111,7 @@ def serve(
     cert.tolerance, cert.accepted = tol, accepts(cfg, cert, tol)
     rows = {1: torch.zeros(tokens.k.shape[:3], dtype=torch.bool, device=tokens.k.device)}
     rows[2] = torch.zeros_like(rows[1])
-    cap = max(1, math.ceil(cfg.fetch_fraction * n))
+    cap = fetch_cap(cfg, n)
     current = tokens
     for stage in (1, 2):
         failing = ~cert.accepted

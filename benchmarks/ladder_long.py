@@ -22,20 +22,31 @@ import torch
 import certkv
 
 
+def peaked_inputs(
+    batch: int, n: int, queries: int, dtype: torch.dtype, gen: torch.Generator, peaked: range
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A synthetic cache of 8 KV heads, D = 128, in ``dtype`` on ``gen``'s device: keys N(0, 1), values
+    0.5 N(0, 1) [batch, 8, n, 128], ``queries`` queries N(0, 1) [batch, 32, 1, 128], and in the KV heads
+    ``peaked`` 16 tokens (one set of positions) whose keys lie along the first query's group mean, 5 sqrt(D)
+    long: heavy attention, which fetching those tokens can certify."""
+    dev = gen.device
+    k = torch.randn(batch, 8, n, 128, device=dev, generator=gen).to(dtype)
+    v = (torch.randn(batch, 8, n, 128, device=dev, generator=gen) * 0.5).to(dtype)
+    qs = [torch.randn(batch, 32, 1, 128, device=dev, generator=gen).to(dtype) for _ in range(queries)]
+    heavy = torch.randint(4, n - 256, (16,), device=dev, generator=gen)
+    for h in peaked:
+        qd = qs[0][:, 4 * h : 4 * h + 4, 0].float().mean(1)  # [batch, D]
+        k[:, h, heavy] = (5.0 * 128**0.5 * qd / qd.norm(dim=-1, keepdim=True)).to(dtype)[:, None, :]
+    return k, v, qs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     n = args.context
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    k = torch.randn(1, 8, n, 128, device="cuda", generator=gen).half()
-    v = (torch.randn(1, 8, n, 128, device="cuda", generator=gen) * 0.5).half()
-    q = torch.randn(1, 32, 1, 128, device="cuda", generator=gen).half()
-    heavy = torch.randint(4, n - 256, (16,), device="cuda", generator=gen)
-    for h in range(8):
-        qd = q[0, 4 * h : 4 * h + 4, 0].float().mean(0)
-        k[0, h, heavy] = (5.0 * 128**0.5 * qd / qd.norm()).half()
+    k, v, (q,) = peaked_inputs(1, n, 1, torch.float16, torch.Generator(device="cuda").manual_seed(0), range(8))
     rows = []
     for tol in (1.0, 0.03, 0.003):
         for mode in ("always", "never"):

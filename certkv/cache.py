@@ -440,7 +440,8 @@ class TieredKVCache:
             # before promotion changes Tier-1, and before strict mode can raise: a rejected step is
             # exactly the one an audit wants to see
             self.recorder.record(self, layer, q, float(scale), result)
-        self._count_fetches(st, outcome.rows_stage1 | outcome.rows_stage2)
+        if outcome.fetched:
+            self._count_fetches(st, outcome.rows_stage1 | outcome.rows_stage2)
         if self.config.self_check:
             self._self_check(layer, q, float(scale), result)
         if self.config.strict:
@@ -481,24 +482,27 @@ class TieredKVCache:
         self.kernel_steps["tried"] += 1
         none = torch.zeros(qg.shape[0], self.num_kv_heads, st.length, dtype=torch.bool, device=qg.device)
         rows = none.clone()
+        fetched = dense = False  # known on the host: no device sync to count them
         if not bool(cert.accepted.all()):
             if cfg.max_stage < 2:
                 return None
-            fetched = stage2(
+            served = stage2(
                 qg, t1, scale, v_min, v_max, cfg, out, cert, st.n_sink,
                 lambda bi, hi, ti, keys: self._fetch_rows(st, bi, hi, ti, keys), step,
             )  # fmt: skip
-            if fetched is not None:
-                out, cert, chosen = fetched
+            if served is not None:
+                out, cert, chosen = served
                 rows[:, :, st.n_sink : st.n_sink + st.n_quant] = chosen
+                fetched = True
         if not bool(cert.accepted.all()):
             if cfg.max_stage < 3:
                 return None
             out, cert = dense_stage(qg, scale, cfg, out, cert, lambda b, h: self._fetch_dense(st, b, h), st.length)
+            dense = True
         self.kernel_steps["served"] += 1
-        self.kernel_steps["fetched"] += int(bool(rows.any()))
-        self.kernel_steps["dense"] += int(bool((cert.stage == 3).any()))
-        return LadderOutcome(out, cert, none, rows)
+        self.kernel_steps["fetched"] += fetched
+        self.kernel_steps["dense"] += dense
+        return LadderOutcome(out, cert, none, rows, fetched)
 
     def _fetch_rows(
         self, st: _Layer, b: torch.Tensor, h: torch.Tensor, t: torch.Tensor, keys: bool = True

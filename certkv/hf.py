@@ -93,13 +93,25 @@ class LayerStats:
     def add(self, res: AttentionResult) -> None:
         c = res.certificate
         self.head_steps += c.stage.numel()
-        for s, n in zip(*torch.unique(c.stage, return_counts=True)):
-            self.stages[int(s)] += int(n)
-        self.rejected += int((~c.accepted).sum())
-        self.max_output_bound = max(self.max_output_bound, float(c.output_bound.max()))
-        self.max_tv_bound = max(self.max_tv_bound, float(c.tv_bound.max()))
-        self.fetched_values += int(c.fetched_values.sum())
-        self.fetched_keys += int(c.fetched_keys.sum())
+        # one device-to-host copy for every statistic (each separately was a sync of its own)
+        counts = torch.bincount(c.stage.flatten(), minlength=len(self.stages))
+        flat = torch.cat(
+            [
+                counts.double(),
+                (~c.accepted).sum().double()[None],
+                c.output_bound.max().double()[None],
+                c.tv_bound.max().double()[None],
+                c.fetched_values.sum().double()[None],
+                c.fetched_keys.sum().double()[None],
+            ]
+        ).tolist()
+        *stage_counts, rejected, out_max, tv_max, fetched_v, fetched_k = flat
+        self.stages = [s + int(n) for s, n in zip(self.stages, stage_counts, strict=True)]
+        self.rejected += int(rejected)
+        self.max_output_bound = max(self.max_output_bound, out_max)
+        self.max_tv_bound = max(self.max_tv_bound, tv_max)
+        self.fetched_values += int(fetched_v)
+        self.fetched_keys += int(fetched_k)
 
 
 @dataclass

@@ -36,6 +36,9 @@ class LadderOutcome:
     certificate: Certificate  # fields [B, Hkv, G]
     rows_stage1: torch.Tensor  # bool [B, Hkv, n]: tokens whose FP16 values stage 1 used
     rows_stage2: torch.Tensor  # bool [B, Hkv, n]: tokens whose FP16 keys and values stage 2 added
+    # whether rows_stage1 | rows_stage2 has any token: known on the host, so a step that fetched nothing
+    # skips the promotion bookkeeping without a device sync
+    fetched: bool
 
 
 def tolerance(cfg: CertConfig, out: torch.Tensor) -> torch.Tensor:
@@ -113,6 +116,7 @@ def serve(
     rows[2] = torch.zeros_like(rows[1])
     cap = fetch_cap(cfg, n)
     current = tokens
+    fetched = False
     for stage in (1, 2):
         failing = ~cert.accepted
         if stage > cfg.max_stage or not bool(failing.any()):
@@ -130,6 +134,7 @@ def serve(
             )
         chosen = select(contrib, target, need, cap)
         b, h, i = chosen.nonzero(as_tuple=True)
+        fetched |= len(b) > 0
         k_rows, v_rows = fetch_rows(b, h, i, stage == 2)
         current = current.with_exact((b, h, i), k=k_rows, v=v_rows)
         rows[stage] = chosen
@@ -151,4 +156,4 @@ def serve(
         served == 3, n, torch.where(served == 2, n1 + n2, torch.where(served == 1, n1, none))
     )
     cert.fetched_keys = torch.where(served == 3, n, torch.where(served == 2, n2, none))
-    return LadderOutcome(out, cert, rows[1], rows[2])
+    return LadderOutcome(out, cert, rows[1], rows[2], fetched)

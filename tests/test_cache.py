@@ -140,6 +140,25 @@ def test_tokens_that_keep_falling_back_are_promoted():
     assert int(third.certificate.fetched_values.sum()) < int(first.certificate.fetched_values.sum())
 
 
+def test_promotion_bookkeeping_runs_exactly_on_steps_that_fetched():
+    # the cache skips it on the host's word (LadderOutcome.fetched), without looking at the rows
+    k, v = make_kv(n=160, seed=8)
+    cfg = small_config(max_stage=1, out_tol=0.15, out_rtol=0.0, promote_after=2, promote_budget=8)
+    cache = certkv.TieredKVCache(1, 2, 32, config=cfg)
+    cache.append(0, k, v)
+    seen, count = [], cache._count_fetches
+
+    def spy(st, fetched):
+        seen.append(int(fetched.sum()))
+        count(st, fetched)
+
+    cache._count_fetches = spy
+    fetching = cache.attend(0, make_q(seed=9, scale=4.0))
+    quiet = cache.attend(0, make_q(seed=9, scale=0.05))
+    assert int(fetching.certificate.fetched_values.sum()) > 0 and int(quiet.certificate.fetched_values.sum()) == 0
+    assert seen == [int((fetching.rows_stage1 | fetching.rows_stage2).sum())]
+
+
 def test_self_check_passes_on_sound_steps():
     k, v = make_kv(n=100)
     res = certkv.certified_attention(make_q(), k, v, small_config(self_check=True))

@@ -46,21 +46,16 @@ def token_shares(
     n = t1.kc.shape[2]
     d = q.shape[-1]
     shares = torch.zeros(len(pairs), n, dtype=torch.float32, device=q.device)
+    served = t1.served()
     step = max(1, CHUNK_BYTES // max(1, 4 * n * d))
     for lo in range(0, len(pairs), step):
         b, h = pairs[lo : lo + step].unbind(1)
         qf = q[b, h].float()  # [P, G, D]
-        ks, kz = t1.ks[b, h].float(), t1.kz[b, h].float()  # [P, n / KEY_GROUP, D]
-        keys = t1.kc[b, h].float() * ks.repeat_interleave(KEY_GROUP, 1) + kz.repeat_interleave(KEY_GROUP, 1)
-        logits = [scale * torch.matmul(qf, keys.transpose(-1, -2))]  # [P, G, n]
-        if t1.prom_mask is not None:
-            logits[0] = logits[0].masked_fill(t1.prom_mask[b, h].bool()[:, None, :], -math.inf)
-        for k, _ in t1.exact_segments():
-            z = scale * torch.matmul(qf, k[b, h].float().transpose(-1, -2))
-            if k is t1.prom_k and t1.prom_idx is not None:  # free promotion slots hold no token
-                z = z.masked_fill(t1.prom_idx[b, h][:, None, :] < 0, -math.inf)
-            logits.append(z)
-        weights = torch.softmax(torch.cat(logits, -1), -1)[..., :n]
+        quantized = t1.quantized_keys((b, h))
+        keys = [quantized.dequantize()[:, 0], *(k[b, h].float() for k, _ in t1.exact_segments())]
+        logits = torch.cat([scale * torch.matmul(qf, k.transpose(-1, -2)) for k in keys], -1)  # [P, G, N]
+        weights = torch.softmax(logits.masked_fill(~served[b, h][:, None, :], -math.inf), -1)[..., :n]
+        ks = quantized.scale[:, 0].float()  # [P, n / KEY_GROUP, D]
         eps = scale * torch.matmul(qf.abs(), (ks * RADIUS_FACTOR).transpose(-1, -2))  # [P, G, n / KEY_GROUP]
         eta = (t1.vs[b, h].float() * RADIUS_FACTOR).amax(-1)  # [P, n]
         radius = eta[:, None, :] + eps.repeat_interleave(KEY_GROUP, -1) * value_range[b, h][:, None, None]

@@ -88,8 +88,21 @@ class Tier1:
             segments.append((self.prom_k, self.prom_v))
         return segments
 
-    def quantized_keys(self) -> QuantizedTensor:
-        return QuantizedTensor(self.kc, self.ks, self.kz, 8, "token", KEY_GROUP, self.kc.shape[-1])
+    def quantized_keys(self, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
+        """The quantized keys; ``rows`` (batch, KV head index vectors): only those pairs, as a batch of
+        one KV head each."""
+        kc, ks, kz = (x if rows is None else x[rows][:, None] for x in (self.kc, self.ks, self.kz))
+        return QuantizedTensor(kc, ks, kz, 8, "token", KEY_GROUP, self.kc.shape[-1])
+
+    def served(self) -> torch.Tensor:
+        """Which tokens a step serves, bool [B, H, N] in the kernel's order (quantized, then
+        ``exact_segments``): not the quantized copies of promoted tokens, not free promotion slots."""
+        n = self.kc.shape[2] + sum(sk.shape[2] for sk, _ in self.exact_segments())
+        served = torch.ones(*self.kc.shape[:2], n, dtype=torch.bool, device=self.kc.device)
+        if self.prom_idx is not None and self.prom_mask is not None:
+            served[:, :, : self.kc.shape[2]] = self.prom_mask == 0
+            served[:, :, n - self.n_promoted :] = self.prom_idx >= 0
+        return served
 
     def quantized_values(self) -> QuantizedTensor:
         return QuantizedTensor(self.vc, self.vs, self.vz, 4, "channel", VALUE_GROUP, self.kc.shape[-1])
@@ -570,12 +583,7 @@ def _exact_tokens(t1: Tier1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     segments = t1.exact_segments()
     keys = torch.cat([kc * ks + kz, *(sk.double() for sk, _ in segments)], dim=2)
     values = torch.cat([vc * vs + vz, *(sv.double() for _, sv in segments)], dim=2)
-    served = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
-    if t1.prom_idx is not None and t1.prom_mask is not None:
-        n_quant, n_prom = t1.kc.shape[2], t1.n_promoted
-        served[:, :, :n_quant] = t1.prom_mask == 0
-        served[:, :, keys.shape[2] - n_prom :] = t1.prom_idx >= 0
-    return keys, values, served
+    return keys, values, t1.served()
 
 
 def partials_reference(q: torch.Tensor, t1: Tier1, scale: float, block: int = 64) -> Partials:

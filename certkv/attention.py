@@ -134,6 +134,43 @@ def _full_fp32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
+@dataclass
+class _Served:
+    """The served computation's intermediates, binary32: logits z, their maximum, weights e, their sum,
+    the weighted sum acc, y = acc / l_sum, and the output (y in the output dtype)."""
+
+    z: torch.Tensor
+    zmax: torch.Tensor
+    e: torch.Tensor
+    l_sum: torch.Tensor
+    acc: torch.Tensor
+    y: torch.Tensor
+    out: torch.Tensor
+
+
+def _served(q32: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s32: torch.Tensor, out_dtype: torch.dtype) -> _Served:
+    """The served computation (binary32, the order the module docstring gives), one function for the
+    certified step and the dense path alone, so that the two agree bit for bit."""
+    z = torch.matmul(q32, k.transpose(-1, -2)) * s32  # [B, Hkv, G, n]
+    zmax = z.amax(-1, keepdim=True)
+    e = torch.exp(z - zmax)
+    l_sum = e.sum(-1, keepdim=True)
+    acc = torch.matmul(e, v)  # [B, Hkv, G, D]
+    y = acc / l_sum
+    return _Served(z, zmax, e, l_sum, acc, y, y.to(out_dtype))
+
+
+def served_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """What ``certified_step`` over exact tokens serves, without its certificate: q [B, Hkv, G, D] over
+    the originals k, v [B, Hkv, n, D] (16-bit), the output [B, Hkv, G, D] in ``out_dtype``, bit for bit
+    ``certified_step(q, StepTokens.exact(k, v), scale, out_dtype)[0]``."""
+    with _full_fp32_matmul():
+        s32 = torch.tensor(scale, dtype=torch.float32)
+        return _served(q.float(), k.float(), v.float(), s32, out_dtype).out
+
+
 def certified_step(
     q: torch.Tensor, tokens: StepTokens, scale: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, Certificate, StepDetail]:
@@ -157,15 +194,8 @@ def _certified_step(
     s_up = float(s32) * (1 + 2 * U32)  # >= the exact scale, whichever of the two was rounded
     q32 = q.float()
     absq = q32.abs()
-
-    # ---- the served computation (binary32) ----
-    z = torch.matmul(q32, tokens.k.transpose(-1, -2)) * s32  # [B, Hkv, G, n]
-    zmax = z.amax(-1, keepdim=True)
-    e = torch.exp(z - zmax)
-    l_sum = e.sum(-1, keepdim=True)
-    acc = torch.matmul(e, tokens.v)  # [B, Hkv, G, D]
-    y = acc / l_sum
-    out = y.to(out_dtype)
+    served = _served(q32, tokens.k, tokens.v, s32, out_dtype)
+    z, zmax, e, l_sum, acc, y, out = served.z, served.zmax, served.e, served.l_sum, served.acc, served.y, served.out
 
     # ---- logit radii: quantization (eps) and binary32 rounding of the logit (rho) ----
     eps = s_up * torch.matmul(absq.double(), tokens.k_radius.double().transpose(-1, -2)) * inflate(d)
@@ -317,5 +347,5 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)
-    out, _, _ = certified_step(qg, StepTokens.exact(k, v), default_scale(d) if scale is None else scale, q.dtype)
+    out = served_attention(qg, k, v, default_scale(d) if scale is None else scale, q.dtype)
     return out.reshape(b, hq, 1, d)

@@ -4,7 +4,7 @@ Each method decodes ``--new`` tokens after a prompt of each context length, thre
 the first run compiles and warms, the second is timed, the third runs under cProfile (its top
 functions go to ``prof_<method>_<context>.txt`` with ``--profile``). Reports the cache's stage counts
 and ``kernel_steps`` (layer-steps the decode kernel tried, served without the torch ladder, fetched
-rows for, served a row dense).
+rows for, served a row dense, and of those certified by ``certified_step`` as well).
 
     PYTHONPATH=. python benchmarks/hf_decode.py --contexts 2048 4096 --out benchmarks/results
 """

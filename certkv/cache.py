@@ -31,8 +31,10 @@ ACCEPTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # counters of ``TieredKVCache.kernel_steps``: layer-steps the decode kernel was tried on and served
-# without the torch ladder; of those, the ones that fetched rows (its stage 2) or served a row dense
-KERNEL_STEPS = ("tried", "served", "fetched", "dense")
+# without the torch ladder; of those, the ones that fetched rows (its stage 2) or served a row dense,
+# and of the dense ones those whose kernel-made certificate missed tolerance somewhere, so that
+# ``certified_step``'s was computed too (``certkv.kernel_ladder.certify_dense``)
+KERNEL_STEPS = ("tried", "served", "fetched", "dense", "dense_torch")
 
 
 @dataclass
@@ -466,7 +468,7 @@ class TieredKVCache:
         usable = self._kernel_layout and self.transform is None and self.recorder is None
         if not usable or st.qk is None or st.v_min is None or st.v_max is None:
             return None
-        from certkv.kernel_ladder import stage2
+        from certkv.kernel_ladder import certify_dense, stage2
         from certkv.kernels.decode import from_cache
         from certkv.streaming import kernel_step
 
@@ -497,7 +499,16 @@ class TieredKVCache:
         if not bool(cert.accepted.all()):
             if cfg.max_stage < 3:
                 return None
-            out, cert = dense_stage(qg, scale, cfg, out, cert, lambda b, h: self._fetch_dense(st, b, h), st.length)
+
+            def certify(
+                pairs: tuple[torch.Tensor, ...], q_d: torch.Tensor, k_d: torch.Tensor, v_d: torch.Tensor
+            ) -> tuple[torch.Tensor, Certificate]:
+                out_d, cert_d, reproved = certify_dense(pairs, q_d, k_d, v_d, scale, cfg, v_min, v_max)
+                self.kernel_steps["dense_torch"] += reproved
+                return out_d, cert_d
+
+            fetch = lambda b, h: self._fetch_dense(st, b, h)  # noqa: E731
+            out, cert = dense_stage(qg, scale, cfg, out, cert, fetch, st.length, certify)
             dense = True
         self.kernel_steps["served"] += 1
         self.kernel_steps["fetched"] += fetched

@@ -298,7 +298,8 @@ def to_markdown(results: list[MethodResult], unit: str = "byte") -> str:
             ks = r.kernel_steps
             kernel = f"{ks['served']}/{ks['tried']}" if ks["tried"] else "-"
             if ks.get("fetched") or ks.get("dense"):  # the kernel ladder's stage 2 and dense steps
-                kernel += f" ({ks.get('fetched', 0)} fetched, {ks.get('dense', 0)} dense)"
+                kernel += f" ({ks.get('fetched', 0)} fetched, {ks.get('dense', 0)} dense"
+                kernel += f", {ks['dense_torch']} reproved)" if ks.get("dense_torch") else ")"
             lines.append(
                 f"| {r.setting} | {r.method} | {r.quality:.4f} ± {r.stderr:.4f} | {delta} | {share} | {r.rejected} "
                 f"| {mem} | {kernel} | {r.tokens_per_s:.1f} |"

@@ -23,10 +23,12 @@ from collections.abc import Callable
 import torch
 
 from certkv import errors
+from certkv.attention import StepTokens, certified_step, served_attention
 from certkv.certificate import Certificate
 from certkv.config import CertConfig
 from certkv.ladder import TARGET_SHARE, RowFetch, accepts, fetch_cap, select, tolerance
 from certkv.quant import RADIUS_FACTOR
+from certkv.rounding import U64
 
 # bytes of binary32 temporaries per chunk of failing heads in ``token_shares`` (dequantized keys)
 CHUNK_BYTES = 1 << 28
@@ -148,3 +150,51 @@ def stage2(
     cert2.tolerance = tolerance(cfg, out2)
     cert2.accepted = accepts(cfg, cert2, cert2.tolerance)
     return torch.where(failing[..., None], out2, out), cert.where(failing, cert2), chosen
+
+
+def certify_dense(
+    pairs: tuple[torch.Tensor, ...],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    cfg: CertConfig,
+    v_min: torch.Tensor,
+    v_max: torch.Tensor,
+) -> tuple[torch.Tensor, Certificate, bool]:
+    """Stage 3 certified on the kernel (``certkv.ladder.dense_stage``'s ``certify``): the dense path's
+    output over the originals k, v [m, 1, n, D] of the (batch row, KV head) ``pairs`` for q [m, 1, G, D]
+    (``served_attention``: what the torch ladder's stage 3 serves, bit for bit), and a certificate for
+    it from the decode kernel run over the same originals (``Tier1.of_originals``):
+
+        |served - o| <= |served - kernel| + |kernel - o| <= distance + the kernel's output bound,
+
+    the distance taken in float64 (exact for FP16 outputs, one rounding for BF16 ones), each sum
+    rounded up (proofs/lemma_dense_transfer.py); the rounding term takes the distance too. The
+    kernel's rounding model is coarser than the binary32 dense computation's at short contexts (FP16
+    weights in its products) and far finer at long ones (its sums run over blocks and splits, where
+    the dense computation's are bounded as one sum over every token: at 128K, 0.013 against 0.59,
+    docs/benchmarks.md). Pairs with a row whose bound this leaves above tolerance are also certified by
+    ``certified_step`` over the originals (~500 small launches a step), and each row keeps the smaller
+    bound. Also returns whether any pair needed that. v_min, v_max [B, H_kv, D]: the range of the
+    originals over every token."""
+    from certkv.kernels.decode import Tier1
+    from certkv.streaming import kernel_step
+
+    out = served_attention(q, k, v, scale, q.dtype)
+    b, h = pairs
+    out_k, cert = kernel_step(q, Tier1.of_originals(k, v), scale, v_min[b, h][:, None], v_max[b, h][:, None])
+    apart = (out.double() - out_k.double()).abs().amax(-1) * (1 + 2 * U64)
+    cert.rounding_term = (cert.rounding_term + apart) * (1 + 2.0**-40)
+    cert.output_bound = (cert.output_bound + apart) * (1 + 2.0**-40)
+    missed = (~accepts(cfg, cert, tolerance(cfg, out))).any(-1)[:, 0]  # [m]
+    if not bool(missed.any()):
+        return out, cert, False
+    out_t, cert_t, _ = certified_step(q[missed], StepTokens.exact(k[missed], v[missed]), scale, q.dtype)
+    # the same output (one served computation); each row keeps the smaller of its two bounds
+    tighter = cert_t.output_bound < cert.output_bound[missed]  # [m', 1, G]
+    out[missed] = torch.where(tighter[..., None], out_t, out[missed])
+    for name, value in cert_t.to_dict().items():
+        field = getattr(cert, name)
+        field[missed] = torch.where(tighter, value, field[missed])
+    return out, cert, True

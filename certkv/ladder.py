@@ -24,6 +24,12 @@ from certkv.config import CertConfig
 RowFetch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor | None, torch.Tensor]]
 # Tier-2 reader of whole (batch, kv head) pairs -> (k, v), each [m, 1, n, D] 16-bit.
 DenseFetch = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Stage 3's served output and certificate for (batch, kv head) pairs: (pairs, q [m, 1, G, D], k, v
+# [m, 1, n, D]) -> (output [m, 1, G, D], certificate [m, 1, G] with its stage-0 fields as
+# ``certified_step`` leaves them); the output is ``certkv.attention.served_attention``'s, bit for bit.
+DenseCertify = Callable[
+    [tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Certificate]
+]
 
 # Share of the tolerance the tokens left quantized may still contribute after a fetch: the rest is
 # left to the key, cross and rounding terms, which the selection does not model exactly.
@@ -76,15 +82,20 @@ def dense_stage(
     cert: Certificate,
     fetch_dense: DenseFetch,
     n: int,
+    certify: DenseCertify | None = None,
 ) -> tuple[torch.Tensor, Certificate]:
     """Stage 3 for the query rows of q [B, Hkv, G, D] that ``cert`` (of ``out``, its tolerance and
     acceptance set) does not accept: each (batch row, KV head) with such a row fetches its ``n`` tokens'
-    originals and those rows are served by dense attention over them (``certified_step`` on exact
-    tokens); the other rows keep ``out`` and ``cert``."""
+    originals and those rows are served by dense attention over them, certified by ``certify``
+    (default: ``certified_step`` on exact tokens); the other rows keep ``out`` and ``cert``."""
     failing = ~cert.accepted
     pairs = failing.any(-1).nonzero(as_tuple=True)
     k_d, v_d = fetch_dense(*pairs)
-    out_d, cert_d, _ = certified_step(q[pairs].unsqueeze(1), StepTokens.exact(k_d, v_d), scale, out.dtype)
+    q_d = q[pairs].unsqueeze(1)
+    if certify is None:
+        out_d, cert_d, _ = certified_step(q_d, StepTokens.exact(k_d, v_d), scale, out.dtype)
+    else:
+        out_d, cert_d = certify(pairs, q_d, k_d, v_d)
     full_out = out.clone()
     full_out[pairs] = out_d[:, 0]
     dense_cert = cert.clone()

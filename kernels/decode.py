@@ -72,6 +72,19 @@ class Tier1:
     prom_idx: torch.Tensor | None = None
     prom_mask: torch.Tensor | None = None
 
+    @staticmethod
+    def of_originals(k: torch.Tensor, v: torch.Tensor) -> Tier1:
+        """No quantized token: the originals k, v [B, H, n, D] (16-bit) served exactly, as window tokens
+        (empty scales and zero points in their dtype, as the cache stores them)."""
+        b, h, _, d = k.shape
+
+        def empty(width: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(b, h, 0, width, dtype=dtype, device=k.device)
+
+        codes = (empty(d, torch.uint8), empty(d, k.dtype), empty(d, k.dtype), empty(d // 2, torch.uint8))
+        scales = (empty(d // VALUE_GROUP, k.dtype), empty(d // VALUE_GROUP, k.dtype))
+        return Tier1(*codes, *scales, k[:, :, :0], v[:, :, :0], k.contiguous(), v.contiguous())
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tier1:
         """The same tensors through ``fn`` (e.g. ``.cpu()``, a head slice)."""
         return Tier1(**{name: None if x is None else fn(x) for name, x in vars(self).items()})

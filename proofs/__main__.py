@@ -10,6 +10,7 @@ import z3
 from proofs import (
     lemma_codebook,
     lemma_decomposition,
+    lemma_dense_transfer,
     lemma_fp16_inputs,
     lemma_ladder,
     lemma_packing,
@@ -21,7 +22,7 @@ from proofs import (
 )
 
 LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_rounding, lemma_ladder,
-          lemma_codebook, lemma_transforms, lemma_streaming, lemma_fp16_inputs)  # fmt: skip
+          lemma_codebook, lemma_transforms, lemma_streaming, lemma_fp16_inputs, lemma_dense_transfer)  # fmt: skip
 
 
 def main() -> int:

@@ -119,3 +119,6 @@ def test_markdown_shows_the_layer_steps_the_kernel_served():
     served.kernel_steps = {"tried": 378, "served": 378, "fetched": 120, "dense": 9}
     rows = [line for line in to_markdown([served]).splitlines() if line.startswith("| ctx")]
     assert "| 0.580 | 378/378 (120 fetched, 9 dense) | 8.5 |" in rows[0]
+    served.kernel_steps["dense_torch"] = 2  # dense steps whose certificate certified_step made
+    rows = [line for line in to_markdown([served]).splitlines() if line.startswith("| ctx")]
+    assert "| 0.580 | 378/378 (120 fetched, 9 dense, 2 reproved) | 8.5 |" in rows[0]

@@ -163,14 +163,14 @@ def test_cache_serves_stage0_from_the_kernel_and_falls_back_along_the_ladder():
     assert torch.equal(served.output, out.reshape(1, 4, 1, 128))  # the kernel's output, not the torch path's
     assert torch.equal(served.certificate.output_bound, cert.output_bound.reshape(1, 4, 1))
     assert bool((served.certificate.stage == 0).all() and served.certificate.accepted.all())
-    assert cache.kernel_steps == {"tried": 1, "served": 1, "fetched": 0, "dense": 0}
+    assert cache.kernel_steps == {"tried": 1, "served": 1, "fetched": 0, "dense": 0, "dense_torch": 0}
     assert_sound(cache, 0, q.cpu(), served)
     # "auto": the kernel on CUDA, the torch path on the CPU
     auto = certkv.TieredKVCache(1, 2, 128, config=certkv.CertConfig(out_tol=1.0, tv_tol=1.0), device=DEVICE)
     auto.append(0, k.to(DEVICE), v.to(DEVICE))
     auto.attend(0, q)
     tried = int(DEVICE == "cuda")
-    assert auto.kernel_steps == {"tried": tried, "served": tried, "fetched": 0, "dense": 0}
+    assert auto.kernel_steps == {"tried": tried, "served": tried, "fetched": 0, "dense": 0, "dense_torch": 0}
     # a tolerance the streamed certificate misses even with a quarter of the tokens fetched (flat
     # attention: certkv.kernel_ladder): the step is served dense
     tight = certkv.CertConfig(decode_kernel="always", out_tol=0.02)
@@ -226,7 +226,7 @@ def test_other_head_dims_are_served_by_the_kernel_and_sound(d, dtype):
     cache.append(0, k.to(DEVICE), v.to(DEVICE))
     q = make_q(b=1, hq=4, d=d, dtype=dtype, seed=d + 1).to(DEVICE)
     served = cache.attend(0, q)
-    assert cache.kernel_steps == {"tried": 1, "served": 1, "fetched": 0, "dense": 0}
+    assert cache.kernel_steps == {"tried": 1, "served": 1, "fetched": 0, "dense": 0, "dense_torch": 0}
     checks = assert_sound(cache, 0, q.cpu(), served)
     assert all(math.isfinite(c.claimed["output_bound"]) for c in checks)
 
@@ -239,7 +239,7 @@ def test_head_dims_the_kernels_cannot_tile_go_to_the_torch_path():
     cache.append(0, k.to(DEVICE), v.to(DEVICE))
     q = make_q(b=1, hq=2, d=192, dtype=torch.float16, seed=3).to(DEVICE)
     result = cache.attend(0, q)
-    assert cache.kernel_steps == {"tried": 0, "served": 0, "fetched": 0, "dense": 0}
+    assert cache.kernel_steps == {"tried": 0, "served": 0, "fetched": 0, "dense": 0, "dense_torch": 0}
     assert_sound(cache, 0, q.cpu(), result)
 
 

@@ -49,7 +49,9 @@ def inflate(n_terms: int, u: float = U64) -> float:
 def quotient_bound(
     acc_abs: torch.Tensor, err_num: torch.Tensor, err_den: torch.Tensor, denom: torch.Tensor
 ) -> torch.Tensor:
-    """|acc / l - N / L| <= (E_N + (|acc| + E_N) E_L) / l whenever |acc - N| <= E_N, |l - L| <= E_L,
-    L >= 1 and l > 0 (real arithmetic; proofs/ lemma 5 (iii)), with acc_abs = |acc|, err_num = E_N,
-    err_den = E_L and denom = l: the normalisation error of the output."""
-    return (err_num + (acc_abs + err_num) * err_den) / denom
+    """|acc / l - N / L| <= (E_N + (|acc| + E_N) E_L / max(1, l - E_L)) / l whenever |acc - N| <= E_N,
+    |l - L| <= E_L, L >= 1 and l > 0 (real arithmetic; proofs/ lemma 5 (iii)), with acc_abs = |acc|,
+    err_num = E_N, err_den = E_L and denom = l: the normalisation error of the output. The E_L term is
+    N (L - l) / (l L), so it divides by L >= max(1, l - E_L) as well as by l: where the weights sum to
+    l >> 1 (long contexts, flat attention), l times tighter than dividing by 1."""
+    return (err_num + (acc_abs + err_num) * (err_den / torch.clamp(denom - err_den, min=1.0))) / denom

@@ -697,7 +697,9 @@ def _final_kernel(
     weight_abs = weight_abs * (1.0 + g_acc)
     err_n = c_n * v_used + v_rel * s_w + a_abs * l_w + n_f * weight_abs * (vmag_max * (1.0 + v_rel) + a_abs)
     err_n = err_n * (1.0 + 2.0**-40)
-    quotient = (err_n[:, None] + (tl.abs(acc) + err_n[:, None]) * err_l[:, None]) / l_sum[:, None]
+    # certkv.rounding.quotient_bound: the error of l divides by L >= max(1, l - err_l) as well
+    e_rel = err_l / tl.maximum(l_sum - err_l, 1.0)
+    quotient = (err_n[:, None] + (tl.abs(acc) + err_n[:, None]) * e_rel[:, None]) / l_sum[:, None]
     division = 2.0 * u64 * tl.abs(y)
 
     live_sum = total / (1.0 + _gamma(nb_all, u64))

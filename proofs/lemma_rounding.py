@@ -7,7 +7,7 @@ arithmetic:
 (i)   recursive summation of n <= 3 terms errs by at most gamma_n * sum |x_i| (gamma_n = nu/(1 - nu));
 (ii)  dequantization fl(fl(c*s) + z) is within 2.0001 u (|c*s| + |z|) of c*s + z;
 (iii) the normalisation used by certkv: if |acc - N| <= E_N, |l - L| <= E_L, L >= 1 and l > 0, then
-      |acc/l - N/L| <= (E_N + (|acc| + E_N) E_L) / l.
+      |acc/l - N/L| <= (E_N + (|acc| + E_N) E_L / max(1, l - E_L)) / l.
 The accuracy of exp (EXP_REL, EXP_ABS) is an assumption measured by tests/test_rounding.py, not proven.
 """
 
@@ -51,33 +51,37 @@ def _dequantization() -> z3.CheckSatResult:
     return s.check()
 
 
-def _quotient(with_denominator_term: bool) -> tuple[z3.CheckSatResult, z3.Solver]:
-    """The bound of ``certkv.rounding.quotient_bound``; the mutation drops its E_L term (and asks for a
-    margin of 1/1000 so the replay in float64 cannot be decided by rounding)."""
+def _quotient(form: str) -> tuple[z3.CheckSatResult, z3.Solver]:
+    """The bound of ``certkv.rounding.quotient_bound`` ("full"); two weakened forms: without its E_L
+    term ("no_el", with a margin of 1/1000 so the replay in float64 cannot be decided by rounding), and
+    with E_L over l where the bound divides by max(1, l - E_L) ("over_l": L taken as l)."""
     s = z3.Solver()
     acc, big_n, l_, big_l, e_n, e_l = z3.Reals("acc N l L EN EL")
     s.add(e_n >= 0, e_l >= 0, big_l >= 1, l_ > 0, _abs(acc - big_n) <= e_n, _abs(l_ - big_l) <= e_l)
-    if with_denominator_term:
-        s.add(_abs(acc / l_ - big_n / big_l) > (e_n + (_abs(acc) + e_n) * e_l) / l_)
-    else:
+    floor = {"full": z3.If(l_ - e_l > 1, l_ - e_l, z3.RealVal(1)), "over_l": l_}.get(form)  # L >= max(1, l - E_L)
+    if floor is None:
         s.add(_abs(acc / l_ - big_n / big_l) > e_n / l_ + z3.RealVal("0.001"))
+    else:
+        s.add(_abs(acc / l_ - big_n / big_l) > (e_n + (_abs(acc) + e_n) * e_l / floor) / l_)
     return s.check(), s
 
 
 def prove() -> z3.CheckSatResult:
-    results = [_summation(n) for n in (2, 3)] + [_dequantization(), _quotient(True)[0]]
+    results = [_summation(n) for n in (2, 3)] + [_dequantization(), _quotient("full")[0]]
     return z3.unsat if all(r == z3.unsat for r in results) else z3.sat
 
 
 def mutation() -> tuple[z3.CheckSatResult, str]:
     """Weakened: ignore the error of the denominator l (E_L = 0). The counterexample is replayed
     through the runtime's own ``certkv.rounding.quotient_bound``: with E_L dropped it is violated,
-    with E_L it holds."""
+    with E_L it holds. Also refuted: the E_L term over l instead of max(1, l - E_L)."""
     import torch
 
     from certkv.rounding import quotient_bound
 
-    r, s = _quotient(False)
+    if _quotient("over_l")[0] != z3.sat:  # the denominator of the E_L term cannot be l itself
+        return z3.unsat, "no counterexample to E_L / l"
+    r, s = _quotient("no_el")
     if r != z3.sat:
         return r, "no counterexample"
     m = s.model()

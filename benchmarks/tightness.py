@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import certkv
-from certkv.capture import capture, load_model
+from certkv.capture import DEFAULT_MODEL, capture, load_model
+from certkv.codec import TextCodec
 from certkv.reference.verify import CLAIMS, verify_step
-from certkv.tinylm.bundle import sample_ids
 
 
 def _collect(stats: dict, checks: list, baseline: list[float] | None = None) -> None:
@@ -74,7 +74,9 @@ def random_data(heads: int, n: int, d: int, seed: int) -> dict:
 
 def real_attention(context: int, steps: int, max_stage: int) -> dict:
     model = load_model()
-    cap = capture(model, sample_ids(context))
+    text = (DEFAULT_MODEL.parent / "heldout_sample.txt").read_text(encoding="utf-8")
+    ids = TextCodec(model, DEFAULT_MODEL).encode(text, bos=True)[:context]
+    cap = capture(model, torch.tensor([ids]))
     stats: dict = defaultdict(list)
     cfg = certkv.CertConfig(max_stage=max_stage)
     for layer in range(len(cap.q)):

@@ -73,6 +73,9 @@ class _Layer:
     tier2_v: torch.Tensor | None = None
     fetch_count: torch.Tensor | None = None  # int32 [B, H, n_quantized]
     promoted: dict[str, torch.Tensor] = field(default_factory=dict)  # idx [B,H,P] (-1 free), k, v [B,H,P,D]
+    # every head's promotion slots taken at the budget: promotions are never undone, so the fetch
+    # bookkeeping has nothing left to do (known on the host, checked once per promotion)
+    promotion_full: bool = False
 
     @property
     def n_sink(self) -> int:
@@ -548,7 +551,7 @@ class TieredKVCache:
 
     def _count_fetches(self, st: _Layer, fetched: torch.Tensor) -> None:
         """Adaptive precision: quantized tokens fetched ``promote_after`` times move to FP16 in Tier-1."""
-        if st.fetch_count is None or self.config.promote_budget == 0:
+        if st.fetch_count is None or self.config.promote_budget == 0 or st.promotion_full:
             return
         lo, hi = st.n_sink, st.n_sink + st.n_quant
         st.fetch_count += fetched[:, :, lo:hi].to(torch.int32)
@@ -572,6 +575,7 @@ class TieredKVCache:
             idx[b, h, slots] = cand
             st.promoted["k"][b, h, slots] = k
             st.promoted["v"][b, h, slots] = v
+        st.promotion_full = idx.shape[2] == self.config.promote_budget and bool((idx >= 0).all())
 
     def _grow_promoted(self, st: _Layer, slots: int) -> None:
         """Promoted-token storage grows by doubling up to the budget: Tier-1 holds no idle budget."""

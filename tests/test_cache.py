@@ -159,6 +159,24 @@ def test_promotion_bookkeeping_runs_exactly_on_steps_that_fetched():
     assert seen == [int((fetching.rows_stage1 | fetching.rows_stage2).sum())]
 
 
+def test_fetch_bookkeeping_stops_once_every_promotion_slot_is_taken():
+    # promote_after=1 and a budget of 2 slots per head: the first step fetches more rows than that for
+    # every head and fills every slot, after which fetched rows are no longer counted (nothing could be
+    # promoted), and Tier-1 stays as it was
+    k, v = make_kv(n=160, seed=8)
+    cfg = small_config(max_stage=1, out_tol=0.15, out_rtol=0.0, promote_after=1, promote_budget=2)
+    cache = certkv.TieredKVCache(1, 2, 32, config=cfg)
+    cache.append(0, k, v)
+    st = cache._layers[0]
+    first = cache.attend(0, make_q(seed=9, scale=4.0))
+    assert bool(((first.rows_stage1 | first.rows_stage2).sum(-1) > 2).all())
+    assert cache.promoted_count(0).flatten().tolist() == [2, 2] and st.promotion_full
+    counts, rows = st.fetch_count.clone(), cache.promoted_rows(0)
+    again = cache.attend(0, make_q(seed=10, scale=4.0))
+    assert bool((again.rows_stage1 | again.rows_stage2).any())  # fetched, and not counted
+    assert torch.equal(st.fetch_count, counts) and torch.equal(cache.promoted_rows(0), rows)
+
+
 def test_self_check_passes_on_sound_steps():
     k, v = make_kv(n=100)
     res = certkv.certified_attention(make_q(), k, v, small_config(self_check=True))

@@ -2,9 +2,11 @@
 
 Each method decodes ``--new`` tokens after a prompt of each context length, three times on one model:
 the first run compiles and warms, the second is timed, the third runs under cProfile (its top
-functions go to ``prof_<method>_<context>.txt`` with ``--profile``). Reports the cache's stage counts
-and ``kernel_steps`` (layer-steps the decode kernel tried, served without the torch ladder, fetched
-rows for, served a row dense, and of those certified by ``certified_step`` as well).
+functions go to ``prof_<method>_<context>.txt`` with ``--profile``) and, with ``--phases``, a fourth
+times the cache's phases (``PHASES``, each between device synchronisations: ms per call, calls).
+Reports the cache's stage counts and ``kernel_steps`` (layer-steps the decode kernel tried, served
+without the torch ladder, fetched rows for, served a row dense, and of those certified by
+``certified_step`` as well).
 
     PYTHONPATH=. python benchmarks/hf_decode.py --contexts 2048 4096 --out benchmarks/results
 """
@@ -12,11 +14,14 @@ rows for, served a row dense, and of those certified by ``certified_step`` as we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import importlib
 import io
 import json
 import pstats
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,46 @@ from certkv.evaluate import method_config
 from certkv.hf import CertifiedCache, register
 
 DATA = Path(__file__).resolve().parent.parent / "certkv" / "data"
+# (module, class or None, function) of the phases ``--phases`` times: the cache's attend, its kernel
+# ladder and that ladder's stages (kernel_step counts the kernel steps of stages 0, 2 and 3)
+PHASES = (
+    ("certkv.hf", "CertifiedCache", "_attend"),
+    ("certkv.cache", "TieredKVCache", "append"),
+    ("certkv.cache", "TieredKVCache", "_kernel_ladder"),
+    ("certkv.cache", "TieredKVCache", "_count_fetches"),
+    ("certkv.streaming", None, "kernel_step"),
+    ("certkv.kernel_ladder", None, "stage2"),
+    ("certkv.kernel_ladder", None, "token_shares"),
+    ("certkv.cache", None, "dense_stage"),
+)
+
+
+@contextlib.contextmanager
+def timed_phases(table: dict[str, list[float]]) -> Iterator[None]:
+    """Wrap each of ``PHASES`` with a timer between device synchronisations; ``table`` collects the
+    seconds of each call under "class.function" or "module.function"."""
+    saved = []
+    for module_name, cls, name in PHASES:
+        module = importlib.import_module(module_name)
+        owner = module if cls is None else getattr(module, cls)
+        fn = getattr(owner, name)
+        key = f"{cls or module_name}.{name}"
+
+        def timer(*args: Any, _fn: Any = fn, _key: str = key, **kwargs: Any) -> Any:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = _fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            table.setdefault(_key, []).append(time.perf_counter() - t0)
+            return result
+
+        saved.append((owner, name, fn))
+        setattr(owner, name, timer)
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def decode(
@@ -63,6 +108,7 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=[2048])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="time the cache's phases in a further run")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--json", default="hf_decode.json", help="file name of the results under --out")
     args = ap.parse_args()
@@ -83,6 +129,11 @@ def main() -> None:
                 text = io.StringIO()
                 pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(50)
                 (out / f"prof_{method}_{ctx}.txt").write_text(text.getvalue())
+            if args.phases and method != "dense":
+                table: dict[str, list[float]] = {}
+                with timed_phases(table):
+                    row["phases_run_s"] = decode(model, x, method, args.new)["seconds"]
+                row["phases"] = {k: {"ms_per_call": 1e3 * sum(t) / len(t), "calls": len(t)} for k, t in table.items()}
             print(json.dumps(row), flush=True)
             rows.append(row)
     device = torch.cuda.get_device_name()

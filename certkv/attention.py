@@ -32,6 +32,8 @@ from certkv.tv import tanh_bound, tv_bound
 # underflow): their mass under p and p_hat is at most n_tail * e^(-TAIL_GAP + 2 R_max).
 TAIL_GAP = 690.0
 PER_TOKEN_MAX = 30.0
+# tokens per block of the served computation's two-level sums (``_served``)
+SUM_BLOCK = 256
 
 
 @dataclass
@@ -148,14 +150,27 @@ class _Served:
     out: torch.Tensor
 
 
+def sum_chain(n: int) -> int:
+    """The most binary32 additions any term of ``_served``'s sums passes through: within its block of
+    ``SUM_BLOCK`` tokens, then across the blocks; gamma of it bounds those sums in any order."""
+    return min(n, SUM_BLOCK) + -(-n // SUM_BLOCK)
+
+
 def _served(q32: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s32: torch.Tensor, out_dtype: torch.dtype) -> _Served:
     """The served computation (binary32, the order the module docstring gives), one function for the
-    certified step and the dense path alone, so that the two agree bit for bit."""
+    certified step and the dense path alone, so that the two agree bit for bit. The weights and the
+    weighted values are summed over blocks of ``SUM_BLOCK`` tokens and then across the blocks (zeros
+    pad the last block: adding them is exact), so that each sum's error is gamma(``sum_chain(n)``), not
+    gamma(n): a 4K-token sum 15x and a 128K one 170x tighter."""
     z = torch.matmul(q32, k.transpose(-1, -2)) * s32  # [B, Hkv, G, n]
     zmax = z.amax(-1, keepdim=True)
     e = torch.exp(z - zmax)
-    l_sum = e.sum(-1, keepdim=True)
-    acc = torch.matmul(e, v)  # [B, Hkv, G, D]
+    n = e.shape[-1]
+    nb = -(-n // SUM_BLOCK)
+    e_b = torch.nn.functional.pad(e, (0, nb * SUM_BLOCK - n)).unflatten(-1, (nb, SUM_BLOCK))  # [B, Hkv, G, nb, S]
+    v_b = torch.nn.functional.pad(v, (0, 0, 0, nb * SUM_BLOCK - n)).unflatten(-2, (nb, SUM_BLOCK))  # [B, Hkv, nb, S, D]
+    l_sum = e_b.sum(-1).sum(-1, keepdim=True)
+    acc = torch.matmul(e_b.transpose(-3, -2), v_b).sum(-3)  # [B, Hkv, nb, G, D] summed over the blocks
     y = acc / l_sum
     return _Served(z, zmax, e, l_sum, acc, y, y.to(out_dtype))
 
@@ -253,7 +268,7 @@ def _certified_step(
     alpha = EXP_REL + 1.01 * U32 * gap.clamp(max=110.0).amax(-1)  # [B, Hkv, G]
     beta = EXP_ABS
     e64 = e.double()
-    gn = gamma(n)
+    gn = gamma(sum_chain(n))  # the blocked sums of l and acc (``_served``)
     s1 = (e64 * tokens.v_mag.unsqueeze(2)).sum(-1) * inflate(n)
     s_dq = (e64 * tokens.v_dq.unsqueeze(2)).sum(-1) * inflate(n)
     s_a = tokens.v_mag.sum(-1).unsqueeze(2) * inflate(n)

@@ -59,6 +59,23 @@ def test_stage3_is_bitwise_the_dense_path():
     assert torch.equal(res.output, certkv.dense_attention(q, k, v))
 
 
+def test_the_dense_path_sums_over_blocks_and_its_bound_holds_across_them():
+    # 1000 tokens: three whole blocks of SUM_BLOCK and a padded fourth; served dense, sound against the
+    # exact reference, and the bound covers the blocked sums (gamma of sum_chain, not of 1000)
+    from certkv.attention import SUM_BLOCK, sum_chain
+
+    assert 1000 % SUM_BLOCK and sum_chain(1000) == SUM_BLOCK + 4
+    k, v = make_kv(n=1000, seed=11)
+    q = make_q(seed=12, scale=2.0)
+    cfg = small_config(out_tol=0.0, out_rtol=0.0, tv_tol=0.0)
+    cache = certkv.TieredKVCache(1, 2, 32, config=cfg)
+    cache.append(0, k, v)
+    res = cache.attend(0, q)
+    assert bool((res.certificate.stage == 3).all())
+    assert torch.equal(res.output, certkv.dense_attention(q, k, v))
+    assert_sound(cache, 0, q, res)
+
+
 def test_stage3_for_some_heads_only_matches_dense_on_those_heads():
     k, v = make_kv(b=2, n=120, seed=5)
     q = make_q(b=2, seed=6)

@@ -174,10 +174,9 @@ def certify_dense(
     kernel's bound is looser than the binary32 dense computation's own (FP16 weights in its products:
     0.004-0.006 against 0.0003-0.0004 for values of 0.5 N(0, 1) at 4K-128K, docs/benchmarks.md), and
     its certificate costs one kernel step against ~500 small launches. Pairs with a row whose bound
-    this leaves above tolerance are also certified by ``certified_step`` over
-    the originals (~500 small launches a step), and each row keeps the smaller bound. Also returns
-    whether any pair needed that. v_min, v_max [B, H_kv, D]: the range of the originals over every
-    token."""
+    this leaves above tolerance are also certified by ``certified_step`` over the originals, and each
+    row keeps the smaller bound. Also returns whether any pair needed that. v_min, v_max [B, H_kv, D]:
+    the range of the originals over every token."""
     from certkv.kernels.decode import Tier1
     from certkv.streaming import kernel_step
 

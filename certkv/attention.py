@@ -34,6 +34,9 @@ TAIL_GAP = 690.0
 PER_TOKEN_MAX = 30.0
 # tokens per block of the served computation's two-level sums (``_served``)
 SUM_BLOCK = 256
+# the served computation's version: its bits changed with the blocked sums (2); traces record it, and an
+# audit compares stage-3 outputs bit for bit only against the version that served them
+DENSE_PATH = 2
 
 
 @dataclass

@@ -78,12 +78,16 @@ class TraceSample:
 
 
 def platform_tag() -> dict[str, str]:
-    """What decides the bits of certkv's dense path on a CPU: stored in the manifest, so an audit
-    compares stage-3 outputs bit for bit only where it can reproduce them."""
+    """What decides the bits of certkv's dense path on a CPU (and the version of that path,
+    ``certkv.attention.DENSE_PATH``): stored in the manifest, so an audit compares stage-3 outputs bit
+    for bit only where it can reproduce them."""
+    from certkv.attention import DENSE_PATH
+
     return {
         "machine": platform.machine(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "dense_path": str(DENSE_PATH),
     }
 
 

@@ -92,6 +92,20 @@ def test_round_trip_audits_every_step_and_every_stage(trace):
     assert [h.claimed["output_bound"] for h in report.steps[0].heads] == first
 
 
+def test_stage3_bits_are_compared_only_against_the_dense_path_that_served_them(trace, tmp_path):
+    # a trace whose dense path is another version (here: recorded before the sums were blocked, no
+    # field) is audited without the bit comparison, with a note, rather than reported as differing
+    path, _ = trace
+    old = copy_trace(path, tmp_path / "old")
+    manifest = json.loads((old / MANIFEST).read_text())
+    assert manifest["platform"]["dense_path"] == "2"
+    del manifest["platform"]["dense_path"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    report = audit(old)
+    assert report.dense_note is not None and not report.violations
+    assert sum(s.dense_checked for s in report.steps) == 0 < report.stage_counts()[3]
+
+
 def test_tokens_are_written_once(trace):
     path, _ = trace
     spans: dict[int, list[tuple[int, int]]] = {}

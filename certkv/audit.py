@@ -304,6 +304,13 @@ def audit(
     dense_note = None
     if not dense_ok:
         where = reader.device if reader.device != "cpu" else f"a different platform ({recorded})"
+        if (
+            reader.device == "cpu"
+            and isinstance(recorded, dict)
+            and {**recorded, "dense_path": ""} == {**here, "dense_path": ""}
+        ):
+            # the same machine, but another version of certkv's dense computation (absent: version 1)
+            where = f"certkv's dense path version {recorded.get('dense_path', '1')}"
         dense_note = f"stage-3 bit equality not checked: trace recorded on {where}, auditing on {here}"
     replay = _Replay(reader, prec)
     total = reader.num_steps

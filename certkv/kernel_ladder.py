@@ -28,7 +28,7 @@ from certkv.certificate import Certificate
 from certkv.config import CertConfig
 from certkv.ladder import TARGET_SHARE, RowFetch, accepts, fetch_cap, select, tolerance
 from certkv.quant import RADIUS_FACTOR
-from certkv.rounding import U64
+from certkv.rounding import carried, output_distance
 
 # bytes of binary32 temporaries per chunk of failing heads in ``token_shares`` (dequantized keys)
 CHUNK_BYTES = 1 << 28
@@ -183,9 +183,8 @@ def certify_dense(
     out = served_attention(q, k, v, scale, q.dtype)
     b, h = pairs
     out_k, cert = kernel_step(q, Tier1.of_originals(k, v), scale, v_min[b, h][:, None], v_max[b, h][:, None])
-    apart = (out.double() - out_k.double()).abs().amax(-1) * (1 + 2 * U64)
-    cert.rounding_term = (cert.rounding_term + apart) * (1 + 2.0**-40)
-    cert.output_bound = (cert.output_bound + apart) * (1 + 2.0**-40)
+    apart = output_distance(out, out_k)
+    cert.rounding_term, cert.output_bound = carried(cert.rounding_term, apart), carried(cert.output_bound, apart)
     missed = (~accepts(cfg, cert, tolerance(cfg, out))).any(-1)[:, 0]  # [m]
     if not bool(missed.any()):
         return out, cert, False

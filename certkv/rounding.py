@@ -55,3 +55,15 @@ def quotient_bound(
     N (L - l) / (l L), so it divides by L >= max(1, l - E_L) as well as by l: where the weights sum to
     l >> 1 (long contexts, flat attention), l times tighter than dividing by 1."""
     return (err_num + (acc_abs + err_num) * (err_den / torch.clamp(denom - err_den, min=1.0))) / denom
+
+
+def output_distance(served: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """>= max_j |served_j - other_j| over the last axis, float64: the difference of two exact conversions
+    rounds once (not at all for FP16 outputs), abs and max are exact (proofs/ lemma 11)."""
+    return (served.double() - other.double()).abs().amax(-1) * (1 + 2 * U64)
+
+
+def carried(bound: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """>= |served - o| whenever bound >= |other - o| and distance >= |served - other| (the triangle
+    inequality; the float64 sum rounded up: proofs/ lemma 11)."""
+    return (bound + distance) * (1 + 2.0**-40)

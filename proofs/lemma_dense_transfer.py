@@ -8,8 +8,9 @@ output bound and inflated again, each operation rounded by the standard model |d
 output coordinate; the maximum over coordinates is exact and monotone.
 
 Mutation: the kernel's bound alone, without the distance (serving s under a's certificate). The solver
-finds s, a, o with |s - o| above it; the replay takes the model's numbers through the same float64
-expressions (``torch`` float64, as the code computes them).
+finds s, a, o with |s - o| above it; the replay takes the model's numbers through the runtime's own
+``certkv.rounding.output_distance`` and ``carried``: with a zero distance the bound is violated, with the
+distance it holds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import z3
 
-from certkv.rounding import U64
+from certkv.rounding import carried, output_distance
 
 LEMMA = "|s - o| <= fl(fl(B + fl(fl(|s - a|)(1 + 2u)))(1 + 2^-40)) whenever |a - o| <= B (fl: |delta| <= u)"
 THEORY = "nonlinear real arithmetic (NRA), the standard model of float64 rounding"
@@ -54,9 +55,9 @@ def mutation() -> tuple[z3.CheckSatResult, str]:
         v = model.eval(x[name], model_completion=True)
         return float(v.numerator_as_long()) / float(v.denominator_as_long())  # type: ignore[attr-defined]
 
-    o, a, served, bound_k = (torch.tensor(val(n), dtype=torch.float64) for n in ("o", "a", "served", "B"))
-    without = bound_k * (1 + 2.0**-40)
-    with_distance = (bound_k + (served - a).abs() * (1 + 2 * U64)) * (1 + 2.0**-40)
+    o, a, served, bound_k = (torch.tensor([val(n)], dtype=torch.float64) for n in ("o", "a", "served", "B"))
+    without = carried(bound_k, torch.zeros(()))
+    with_distance = carried(bound_k, output_distance(served, a))
     err = (served - o).abs()
     assert float(without) < float(err) <= float(with_distance)
     return r, (

@@ -34,15 +34,17 @@ from certkv.hf import CertifiedCache, register
 
 DATA = Path(__file__).resolve().parent.parent / "certkv" / "data"
 # (module, class or None, function) of the phases ``--phases`` times: the cache's attend, its kernel
-# ladder and that ladder's stages (kernel_step counts the kernel steps of stages 0, 2 and 3)
+# ladder and that ladder's stages (kernel_step_partials counts the kernel steps of stages 0, 2 and 3,
+# kernel_step those of stages 2 and 3; token_shares is stage 2's estimate, one launch)
 PHASES = (
     ("certkv.hf", "CertifiedCache", "_attend"),
     ("certkv.cache", "TieredKVCache", "append"),
     ("certkv.cache", "TieredKVCache", "_kernel_ladder"),
     ("certkv.cache", "TieredKVCache", "_count_fetches"),
+    ("certkv.streaming", None, "kernel_step_partials"),
     ("certkv.streaming", None, "kernel_step"),
     ("certkv.kernel_ladder", None, "stage2"),
-    ("certkv.kernel_ladder", None, "token_shares"),
+    ("certkv.kernels.shares", None, "token_shares"),
     ("certkv.cache", None, "dense_stage"),
 )
 

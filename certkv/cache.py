@@ -473,7 +473,7 @@ class TieredKVCache:
             return None
         from certkv.kernel_ladder import certify_dense, stage2
         from certkv.kernels.decode import from_cache
-        from certkv.streaming import kernel_step
+        from certkv.streaming import kernel_step, kernel_step_partials
 
         v_min, v_max = st.v_min, st.v_max
 
@@ -481,7 +481,7 @@ class TieredKVCache:
             return kernel_step(qg, t1, scale, v_min, v_max)
 
         t1 = from_cache(self, layer)
-        out, cert = step(t1)
+        out, cert, partials = kernel_step_partials(qg, t1, scale, v_min, v_max)
         cert.tolerance = tolerance(cfg, out)
         cert.accepted = accepts(cfg, cert, cert.tolerance)
         self.kernel_steps["tried"] += 1
@@ -492,7 +492,7 @@ class TieredKVCache:
             if cfg.max_stage < 2:
                 return None
             served = stage2(
-                qg, t1, scale, v_min, v_max, cfg, out, cert, st.n_sink,
+                qg, t1, scale, v_min, v_max, cfg, out, cert, partials, st.n_sink,
                 lambda bi, hi, ti, keys: self._fetch_rows(st, bi, hi, ti, keys), step,
             )  # fmt: skip
             if served is not None:

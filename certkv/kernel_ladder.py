@@ -13,6 +13,8 @@ the certificate of a stage-2 step is the kernel's certificate, with the same gua
 are fetched only decides how tight it is. They are chosen from an estimate of each token's share of
 the bound, in binary32 over the failing heads only: its largest weight over the query rows (softmax
 of the dequantized logits) times its value radius plus its logit radius times the head's value range.
+The cache computes it in one launch (``certkv.kernels.shares``, the softmax's normaliser from stage 0's
+partials); ``token_shares`` here is that kernel's torch reference.
 """
 
 from __future__ import annotations
@@ -111,13 +113,15 @@ def stage2(
     cfg: CertConfig,
     out: torch.Tensor,
     cert: Certificate,
+    partials: object,
     n_sink: int,
     fetch_rows: RowFetch,
     step: Callable[[object], tuple[torch.Tensor, Certificate]],
 ) -> tuple[torch.Tensor, Certificate, torch.Tensor] | None:
     """Stage 2 for the query rows of q [B, H_kv, G, D] that ``cert`` (the certificate of the kernel's
-    stage-0 output ``out``, its tolerance and acceptance set) does not accept. Each (batch row, KV head)
-    with such a row fetches the fewest tokens, by their estimated shares (``token_shares``), whose
+    stage-0 output ``out``, its tolerance and acceptance set; ``partials`` that launch's partials) does
+    not accept. Each (batch row, KV head) with such a row fetches the fewest tokens, by their estimated
+    shares (``token_shares``, computed in one launch by ``certkv.kernels.shares``), whose
     removal leaves at most ``TARGET_SHARE`` of its tightest tolerance, at most ``fetch_fraction`` of
     its tokens (as the torch ladder's stages); ``step(tier1)`` serves all heads over Tier-1 with those tokens promoted
     (``with_fetched``), and the failing rows take that result.
@@ -126,15 +130,16 @@ def stage2(
     stage 0's where ``cert`` accepts it, else stage 2's (with the head's fetched count), and the
     fetched rows, bool [B, H_kv, n_quant]; None where nothing would be fetched (no quantized token
     carries weight, or the estimate already meets the target)."""
-    from certkv.kernels.decode import Tier1
+    from certkv.kernels.decode import Partials, Tier1
+    from certkv.kernels.shares import token_shares as shares_kernel
 
-    assert isinstance(t1, Tier1)
+    assert isinstance(t1, Tier1) and isinstance(partials, Partials)
     failing = ~cert.accepted  # [B, H, G]
     need = failing.any(-1)
     pairs = need.nonzero()
     value_range = (v_max.float() - v_min.float()).amax(-1)
     shares = torch.zeros(t1.kc.shape[:3], dtype=torch.float64, device=q.device)
-    shares[pairs[:, 0], pairs[:, 1]] = token_shares(q, t1, scale, value_range, pairs).double()
+    shares[pairs[:, 0], pairs[:, 1]] = shares_kernel(q, t1, partials, scale, value_range, pairs).double()
     target = TARGET_SHARE * torch.where(failing, cert.tolerance, torch.inf).amin(-1)
     n = t1.kc.shape[2] + t1.sink_k.shape[2] + t1.win_k.shape[2]
     chosen = select(shares, target, need, fetch_cap(cfg, n))

@@ -415,13 +415,28 @@ def kernel_step(
     The launches run one after another on the current stream. (The epilogue's first launch needs only
     the query and the cache; on a second stream beside the kernel it made the step 9-20 us slower as a
     CUDA graph on the H100: docs/benchmarks.md.)"""
+    out, cert, _ = kernel_step_partials(q, t1, scale, v_min, v_max, launch)
+    return out, cert
+
+
+def kernel_step_partials(
+    q: torch.Tensor,
+    t1: object,
+    scale: float,
+    v_min: torch.Tensor,
+    v_max: torch.Tensor,
+    launch: dict[str, object] | None = None,
+) -> tuple[torch.Tensor, Certificate, object]:
+    """``kernel_step``, and the decode launch's partials (``certkv.kernels.decode.Partials``: the ladder's
+    stage 2 takes the softmax's normaliser from them)."""
     from certkv.kernels import epilogue
     from certkv.kernels.decode import decode_partials
 
     launch = serving_launch(q.dtype, q.shape[-1]) if launch is None else launch
     partials = decode_partials(q, t1, scale, cert=True, **launch)  # type: ignore[arg-type]
     precision, deq16 = str(launch["precision"]), bool(launch.get("deq16", False))
-    return epilogue.certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype, deq16)  # type: ignore[arg-type]
+    out, cert = epilogue.certify(q, t1, partials, scale, precision, v_min, v_max, q.dtype, deq16)  # type: ignore[arg-type]
+    return out, cert, partials
 
 
 def _block_values(t1: object, exact_v: list[torch.Tensor], blk: int) -> tuple[torch.Tensor, torch.Tensor]:

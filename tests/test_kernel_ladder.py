@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 from certkv.kernels.decode import Tier1, from_cache
 
 import certkv
-from certkv.kernel_ladder import with_fetched
-from certkv.streaming import kernel_step
+from certkv.kernel_ladder import token_shares, with_fetched
+from certkv.streaming import kernel_step, kernel_step_partials
 from tests.helpers import assert_sound, make_kv, make_q
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,3 +163,38 @@ def test_stage3_on_the_kernel_serves_the_dense_output_under_the_kernels_bound_or
         # kernel's products); at long contexts the kernel's (benchmarks/dense_stage.py)
         assert bool((bound > dense.output_bound).all())
     assert_sound(cache, 0, q.cpu(), served)
+
+
+@pytest.mark.parametrize("data", ["peaked", "flat"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_shares_kernel_gives_its_torch_references_estimate(dtype, data):
+    # certkv.kernels.shares (one launch, the normaliser from stage 0's partials) against
+    # certkv.kernel_ladder.token_shares (dequantized keys, a softmax over every served token), over a
+    # Tier-1 with promoted tokens, for every pair and for one
+    from certkv.kernels.shares import token_shares as shares_kernel
+
+    k, v, q = peaked() if data == "peaked" else flat()
+    k, v, q = k.to(dtype), v.to(dtype), q.to(dtype).to(DEVICE)
+    cache = cache_for(k, v)
+    st = cache._layers[0]
+    qg, scale = q.reshape(1, 2, 2, 128), 128**-0.5
+    idx = [int(HEAVY[0]) - 4, 3, int(HEAVY[2]) - 4]  # quantized indices (after the 4 sinks)
+    rows = tuple(torch.tensor(x, device=DEVICE) for x in ([0, 0, 0], [0, 1, 1], idx))
+    fetched = [x[0, rows[1].cpu(), rows[2].cpu() + 4].to(DEVICE) for x in (k, v)]
+    t1 = with_fetched(from_cache(cache, 0), rows, *fetched)
+    value_range = (st.v_max.float() - st.v_min.float()).amax(-1)
+    _, _, partials = kernel_step_partials(qg, t1, scale, st.v_min, st.v_max)
+    for pairs in (torch.tensor([[0, 0], [0, 1]], device=DEVICE), torch.tensor([[0, 1]], device=DEVICE)):
+        got = shares_kernel(qg, t1, partials, scale, value_range, pairs)
+        want = token_shares(qg, t1, scale, value_range, pairs)
+        # the two softmaxes differ by rounding: stage 0's logits from FP16 operands, the reference's
+        # from binary32 ones
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-12)
+        if data == "flat":  # nearly every share is compared relatively (none far below atol)
+            assert float(want[want > 0].min()) > 1e-9
+        for j, (_, h) in enumerate(pairs.tolist()):
+            promoted = [i for hh, i in zip(rows[1].tolist(), idx, strict=True) if hh == h]
+            assert bool((got[j, promoted] == 0).all())  # served exactly already
+            if data == "peaked":  # the heavy tokens carry the largest shares
+                heavy = set((HEAVY - 4).tolist()) - set(promoted)
+                assert set(got[j].topk(len(heavy)).indices.tolist()) == heavy

@@ -6,7 +6,7 @@ The computation (binary32, the order the Triton kernel follows):
 and, beside it, the bound of each term of  output - o  (docs/theory.md derives every line):
 
     output - o = [output - sum p_hat v_hat]   rounding term
-               + sum (p_hat - p) v            key term      <= TV(p, p_hat) * range(v)
+               + sum (p_hat - p) v            key term      <= TV(p, p_hat) * range(v), or a per-token form
                + sum p (v_hat - v)            value term    <= sum pi eta + TV(p, pi) * range(eta)
                + sum (p_hat - p)(v_hat - v)   cross term    <= TV(p, p_hat) * 2 max eta
 
@@ -255,11 +255,23 @@ def _certified_step(
     g_h = _ratio_excess(pi, r_hat.clamp(max=PER_TOKEN_MAX))
     spread = pi * (g_p + g_h)  # >= |p_hat_i - p_i|
     centre = y.double()  # any centre is sound (the weight differences sum to zero); the output is close
-    deviation = _weighted_deviation(spread, tokens, centre)  # sum_i spread_i (|v_used - c| + eta + dq)
+    radii = (r_p.clamp(max=PER_TOKEN_MAX), r_hat.clamp(max=PER_TOKEN_MAX))
+    ups = [torch.expm1(r) for r in radii]
+    # sum_i w_i (|v_used - c| + eta + dq) for w = spread, pi (e^R_p - 1), pi (e^R_h - 1) and pi; sum pi (v_used - c)
+    weights = torch.stack([spread, pi * ups[0], pi * ups[1], pi])
+    (deviation, *centred_devs, pi_dev), signed = _weighted_deviation(weights, tokens, centre)
     far = torch.maximum(tokens.v_max.double().unsqueeze(2) - centre, centre - tokens.v_min.double().unsqueeze(2))
-    key_tok = deviation * inflate(n) + 2 * tail_mass.unsqueeze(-1) * far
+    tail_key = 2 * tail_mass.unsqueeze(-1) * far
+    pi_eta = torch.matmul(pi, eta)
+    # >= |sum pibar (v - c)|, pibar = pi normalised exactly: the signed sum's rounding, then v_used vs v
+    shift = signed.abs() + gamma(n + 4, U64) * pi_dev + pi_eta + (pi * tokens.v_dq.unsqueeze(2)).sum(-1, keepdim=True)
+    # >= |sum (p - pibar)(v - c)| + |sum (p_hat - pibar)(v - c)| >= |sum (p_hat - p) v|
+    centred = (
+        _centred(pi, ups[0], radii[0], centred_devs[0], shift) + _centred(pi, ups[1], radii[1], centred_devs[1], shift)
+    ) * (1 + 2 * U64)
+    key_tok = torch.minimum(deviation * inflate(n), centred) + tail_key
     key_tv, value_tv, cross_tv = tv_terms(
-        tv.unsqueeze(-1), tv_pp.unsqueeze(-1), v_range, torch.matmul(pi, eta) * inflate(n), eta_max, eta_min
+        tv.unsqueeze(-1), tv_pp.unsqueeze(-1), v_range, pi_eta * inflate(n), eta_max, eta_min
     )
     key_j = torch.where(per_token, torch.minimum(key_tv, key_tok), key_tv)
     value_tok = torch.matmul(pi * (1 + g_p), eta) * inflate(n) + tail_mass.unsqueeze(-1) * eta_max
@@ -345,16 +357,46 @@ def _ratio_excess(pi: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 TOKEN_CHUNK = 4096  # bounds the [G, chunk, D] working set of the per-token key term
 
 
-def _weighted_deviation(weight: torch.Tensor, tokens: StepTokens, centre: torch.Tensor) -> torch.Tensor:
-    """sum_i weight_i (|v_used_ij - c_j| + eta_ij + dq_i) >= sum_i weight_i |v_ij - c_j|, [B, Hkv, G, D]."""
-    total = torch.zeros_like(centre)
-    for lo in range(0, weight.shape[-1], TOKEN_CHUNK):
+def _weighted_deviation(
+    weights: torch.Tensor, tokens: StepTokens, centre: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each weight set w of ``weights`` [K, B, Hkv, G, n]: sum_i w_i (|v_used_ij - c_j| + eta_ij + dq_i)
+    >= sum_i w_i |v_ij - c_j|, [K, B, Hkv, G, D] (as computed: sums of non-negative terms); and the
+    signed sum_i w_i (v_used_ij - c_j) for the last set, [B, Hkv, G, D]."""
+    total = weights.new_zeros(*weights.shape[:-1], centre.shape[-1])
+    signed = torch.zeros_like(centre)
+    for lo in range(0, weights.shape[-1], TOKEN_CHUNK):
         hi = lo + TOKEN_CHUNK
-        v = tokens.v[:, :, lo:hi].double().unsqueeze(2)  # [B, Hkv, 1, c, D]
-        dev = (v - centre.unsqueeze(-2)).abs() + tokens.v_radius[:, :, lo:hi].double().unsqueeze(2)
+        diff = tokens.v[:, :, lo:hi].double().unsqueeze(2) - centre.unsqueeze(-2)  # [B, Hkv, G, c, D]
+        dev = diff.abs() + tokens.v_radius[:, :, lo:hi].double().unsqueeze(2)
         dev = dev + tokens.v_dq[:, :, lo:hi].unsqueeze(2).unsqueeze(-1)
-        total = total + (weight[..., lo:hi].unsqueeze(-1) * dev).sum(-2)
-    return total
+        w = weights[..., lo:hi].movedim(0, -2)  # [B, Hkv, G, K, c]
+        total = total + torch.matmul(w, dev).movedim(-2, 0)
+        signed = signed + torch.matmul(w[..., -1:, :], diff).squeeze(-2)
+    return total, signed
+
+
+def _centred(
+    pi: torch.Tensor, up: torch.Tensor, radius: torch.Tensor, deviation: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """>= |sum_i (p_i - pibar_i)(v_ij - c_j)| for every p proportional to pi e^delta, |delta| <= radius, where
+    pi are weights normalised in float64 (sum pi = 1 within gamma_n) and pibar = pi / sum pi exactly
+    (docs/theory.md section 4, proofs/ lemma 12). With Z = sum pibar e^delta,
+
+        sum (p - pibar)(v - c) = (sum pibar (e^delta - 1)(v - c) - (Z - 1) sum pibar (v - c)) / Z,
+
+    |e^delta - 1| <= e^R - 1 = ``up``, |Z - 1| <= sum pibar (e^R - 1) and Z >= 1 - sum pibar (1 - e^-R):
+    so it is at most (``deviation`` + sum pi up * ``shift``) / (1 - sum pi (1 - e^-R)), where
+    deviation >= sum pi up |v - c| and shift >= |sum pibar (v - c)| (float64 sums; ``inflate`` covers
+    their rounding and the normalisation of pi, as in ``_ratio_excess``; inf where Z's bound is not
+    positive)."""
+    n = pi.shape[-1]
+    infl = inflate(2 * n + 16)
+    up_sum = (pi * up).sum(-1, keepdim=True) * infl
+    down_sum = (pi * -torch.expm1(-radius)).sum(-1, keepdim=True) * infl
+    z_lo = (1 - down_sum) * (1 - 4 * U64)
+    bound = (deviation * infl + up_sum * shift * infl) / z_lo * (1 + 8 * U64)
+    return torch.where(z_lo > 0, bound, torch.full_like(bound, math.inf))
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

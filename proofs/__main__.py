@@ -8,6 +8,7 @@ import time
 import z3
 
 from proofs import (
+    lemma_centred_key,
     lemma_codebook,
     lemma_decomposition,
     lemma_dense_transfer,
@@ -22,7 +23,8 @@ from proofs import (
 )
 
 LEMMAS = (lemma_quant_radius, lemma_packing, lemma_softmax, lemma_decomposition, lemma_rounding, lemma_ladder,
-          lemma_codebook, lemma_transforms, lemma_streaming, lemma_fp16_inputs, lemma_dense_transfer)  # fmt: skip
+          lemma_codebook, lemma_transforms, lemma_streaming, lemma_fp16_inputs, lemma_dense_transfer,
+          lemma_centred_key)  # fmt: skip
 
 
 def main() -> int:

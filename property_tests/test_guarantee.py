@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import mpmath
 import torch
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 import certkv
 from certkv.reference.verify import verify_step
@@ -64,3 +66,42 @@ def test_stage3_heads_equal_the_dense_path(sc: Scenario) -> None:
     at3 = res.certificate.stage[..., 0] == 3
     assert torch.equal(res.output[at3], dense[at3])
     assert torch.isfinite(res.certificate.output_bound).all()
+
+
+@given(
+    st.integers(1, 12).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.floats(1e-6, 1e3), min_size=n, max_size=n),  # masses
+            st.lists(st.floats(0.0, 4.0), min_size=n, max_size=n),  # radii
+            st.lists(st.floats(-1.0, 1.0), min_size=n, max_size=n),  # delta / radius: corners and inside
+            st.lists(st.floats(-50.0, 50.0), min_size=n, max_size=n),  # values
+        )
+    ),
+    st.floats(-50.0, 50.0),
+)
+@example(([1.0, 3.0], [0.0, 2.0], [0.0, -1.0], [5.0, -1.0]), 0.5)  # an exact heavy token, a light noisy one
+def test_the_centred_key_form_dominates_the_exact_difference(problem, centre) -> None:
+    """certkv.attention._centred >= |sum (p - pibar)(v - c)| computed in 60 digits, for p proportional to
+    pibar e^delta with |delta| <= radius (pibar the masses normalised exactly), its inputs computed as
+    certified_step computes them (pi normalised in float64)."""
+    from certkv.attention import _centred
+    from certkv.rounding import U64, gamma
+
+    mass, radius, frac, v = (torch.tensor(x, dtype=torch.float64) for x in problem)
+    pi = mass / mass.sum()  # normalised in float64, as certified_step's weights
+    n = len(pi)
+    mpmath.mp.dps = 60
+    # sum p (v - c) - sum pibar (v - c), each a ratio of sums (no delta: the same sums, exactly 0)
+    x = [mpmath.exp(mpmath.mpf(f) * mpmath.mpf(r)) for f, r in zip(frac.tolist(), radius.tolist(), strict=True)]
+    w = [mpmath.mpf(a) for a in pi.tolist()]
+    d = [mpmath.mpf(a) - mpmath.mpf(centre) for a in v.tolist()]
+    moved = mpmath.fsum(a * b * e for a, b, e in zip(w, x, d, strict=True)) / mpmath.fsum(
+        a * b for a, b in zip(w, x, strict=True)
+    )
+    exact = abs(moved - mpmath.fsum(a * e for a, e in zip(w, d, strict=True)) / mpmath.fsum(w))
+    up = torch.expm1(radius)
+    diff = v - centre
+    deviation = torch.matmul(pi * up, diff.abs())
+    shift = torch.matmul(pi, diff).abs() + gamma(n + 4, U64) * torch.matmul(pi, diff.abs())
+    bound = float(_centred(pi, up, radius, deviation, shift))
+    assert exact <= bound, (float(exact), bound)

@@ -251,14 +251,12 @@ def _certified_step(
     # |p_i - pi_i| <= pi_i g_p,i and |p_hat_i - pi_i| <= pi_i g_h,i (per-token ratio bounds)
     # beyond radius PER_TOKEN_MAX the per-token form is useless (and e^R overflows): TV form only
     per_token = (r_max <= PER_TOKEN_MAX).unsqueeze(-1)
-    g_p = _ratio_excess(pi, r_p.clamp(max=PER_TOKEN_MAX))
-    g_h = _ratio_excess(pi, r_hat.clamp(max=PER_TOKEN_MAX))
+    ratios = [_ratios(pi, r.clamp(max=PER_TOKEN_MAX)) for r in (r_p, r_hat)]  # p, then p_hat, relative to pi
+    g_p, g_h = (_ratio_excess(r) for r in ratios)
     spread = pi * (g_p + g_h)  # >= |p_hat_i - p_i|
     centre = y.double()  # any centre is sound (the weight differences sum to zero); the output is close
-    radii = (r_p.clamp(max=PER_TOKEN_MAX), r_hat.clamp(max=PER_TOKEN_MAX))
-    ups = [torch.expm1(r) for r in radii]
     # sum_i w_i (|v_used - c| + eta + dq) for w = spread, pi (e^R_p - 1), pi (e^R_h - 1) and pi; sum pi (v_used - c)
-    weights = torch.stack([spread, pi * ups[0], pi * ups[1], pi])
+    weights = torch.stack([spread, ratios[0].pi_up, ratios[1].pi_up, pi])
     (deviation, *centred_devs, pi_dev), signed = _weighted_deviation(weights, tokens, centre)
     far = torch.maximum(tokens.v_max.double().unsqueeze(2) - centre, centre - tokens.v_min.double().unsqueeze(2))
     tail_key = 2 * tail_mass.unsqueeze(-1) * far
@@ -266,9 +264,9 @@ def _certified_step(
     # >= |sum pibar (v - c)|, pibar = pi normalised exactly: the signed sum's rounding, then v_used vs v
     shift = signed.abs() + gamma(n + 4, U64) * pi_dev + pi_eta + (pi * tokens.v_dq.unsqueeze(2)).sum(-1, keepdim=True)
     # >= |sum (p - pibar)(v - c)| + |sum (p_hat - pibar)(v - c)| >= |sum (p_hat - p) v|
-    centred = (
-        _centred(pi, ups[0], radii[0], centred_devs[0], shift) + _centred(pi, ups[1], radii[1], centred_devs[1], shift)
-    ) * (1 + 2 * U64)
+    centred = (_centred(ratios[0], centred_devs[0], shift) + _centred(ratios[1], centred_devs[1], shift)) * (
+        1 + 2 * U64
+    )
     key_tok = torch.minimum(deviation * inflate(n), centred) + tail_key
     key_tv, value_tv, cross_tv = tv_terms(
         tv.unsqueeze(-1), tv_pp.unsqueeze(-1), v_range, pi_eta * inflate(n), eta_max, eta_min
@@ -338,19 +336,36 @@ def tv_terms(
     return tv * v_range, pi_eta + tv_pi * (eta_max - eta_min), tv * 2 * eta_max
 
 
-def _ratio_excess(pi: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _Ratios:
+    """For p proportional to pi e^delta, |delta_i| <= R_i: up = e^R - 1, down = 1 - e^-R >= 0 (expm1, no
+    cancellation), pi_up = pi up, and the float64 sums up_sum = sum pi up, down_sum = sum pi down (the
+    per-token and centred forms both take them)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    pi_up: torch.Tensor
+    up_sum: torch.Tensor
+    down_sum: torch.Tensor
+
+
+def _ratios(pi: torch.Tensor, radius: torch.Tensor) -> _Ratios:
+    up, down = torch.expm1(radius), -torch.expm1(-radius)
+    pi_up = pi * up
+    return _Ratios(up, down, pi_up, pi_up.sum(-1, keepdim=True), (pi * down).sum(-1, keepdim=True))
+
+
+def _ratio_excess(r: _Ratios) -> torch.Tensor:
     """g_i with |p_i - pi_i| <= pi_i g_i for every p proportional to pi e^delta, |delta| <= radius.
 
     p_i / pi_i = e^delta_i / S with S = sum pi e^delta in [m_lo, m_hi] = [sum pi e^-R, sum pi e^R], so
     g_i = max(e^R_i / m_lo - 1, 1 - e^-R_i / m_hi), evaluated with expm1 (no cancellation) and inflated
     for its float64 rounding."""
-    up = torch.expm1(radius)
-    down = -torch.expm1(-radius)  # 1 - e^-R >= 0
-    m_lo = 1 - (pi * down).sum(-1, keepdim=True)
-    m_hi = 1 + (pi * up).sum(-1, keepdim=True)
-    above = (up + (pi * down).sum(-1, keepdim=True)) / m_lo
-    below = ((pi * up).sum(-1, keepdim=True) + down) / m_hi
-    n = pi.shape[-1]
+    m_lo = 1 - r.down_sum
+    m_hi = 1 + r.up_sum
+    above = (r.up + r.down_sum) / m_lo
+    below = (r.up_sum + r.down) / m_hi
+    n = r.up.shape[-1]
     return torch.maximum(above, below) * (1 + 8 * gamma(n + 8, U64)) + 4 * U64
 
 
@@ -376,26 +391,22 @@ def _weighted_deviation(
     return total, signed
 
 
-def _centred(
-    pi: torch.Tensor, up: torch.Tensor, radius: torch.Tensor, deviation: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor:
-    """>= |sum_i (p_i - pibar_i)(v_ij - c_j)| for every p proportional to pi e^delta, |delta| <= radius, where
-    pi are weights normalised in float64 (sum pi = 1 within gamma_n) and pibar = pi / sum pi exactly
-    (docs/theory.md section 4, proofs/ lemma 12). With Z = sum pibar e^delta,
+def _centred(r: _Ratios, deviation: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """>= |sum_i (p_i - pibar_i)(v_ij - c_j)| for every p proportional to pi e^delta, |delta| <= radius
+    (``r`` = ``_ratios(pi, radius)``), where pi are weights normalised in float64 (sum pi = 1 within
+    gamma_n) and pibar = pi / sum pi exactly (docs/theory.md section 4, proofs/ lemma 12). With
+    Z = sum pibar e^delta,
 
         sum (p - pibar)(v - c) = (sum pibar (e^delta - 1)(v - c) - (Z - 1) sum pibar (v - c)) / Z,
 
-    |e^delta - 1| <= e^R - 1 = ``up``, |Z - 1| <= sum pibar (e^R - 1) and Z >= 1 - sum pibar (1 - e^-R):
-    so it is at most (``deviation`` + sum pi up * ``shift``) / (1 - sum pi (1 - e^-R)), where
+    |e^delta - 1| <= e^R - 1 = up, |Z - 1| <= sum pibar (e^R - 1) and Z >= 1 - sum pibar (1 - e^-R): so
+    it is at most (``deviation`` + sum pi up * ``shift``) / (1 - sum pi (1 - e^-R)), where
     deviation >= sum pi up |v - c| and shift >= |sum pibar (v - c)| (float64 sums; ``inflate`` covers
     their rounding and the normalisation of pi, as in ``_ratio_excess``; inf where Z's bound is not
     positive)."""
-    n = pi.shape[-1]
-    infl = inflate(2 * n + 16)
-    up_sum = (pi * up).sum(-1, keepdim=True) * infl
-    down_sum = (pi * -torch.expm1(-radius)).sum(-1, keepdim=True) * infl
-    z_lo = (1 - down_sum) * (1 - 4 * U64)
-    bound = (deviation * infl + up_sum * shift * infl) / z_lo * (1 + 8 * U64)
+    infl = inflate(2 * r.up.shape[-1] + 16)
+    z_lo = (1 - r.down_sum * infl) * (1 - 4 * U64)
+    bound = (deviation * infl + r.up_sum * infl * shift * infl) / z_lo * (1 + 8 * U64)
     return torch.where(z_lo > 0, bound, torch.full_like(bound, math.inf))
 
 

@@ -109,7 +109,7 @@ def _check(n: int) -> tuple[z3.CheckSatResult, z3.ModelRef | None, dict[str, lis
 
 
 def mutation() -> tuple[z3.CheckSatResult, str]:
-    from certkv.attention import _centred
+    from certkv.attention import _centred, _ratios
 
     r, model, x = _check(2)
     if model is None:
@@ -129,9 +129,10 @@ def mutation() -> tuple[z3.CheckSatResult, str]:
         return torch.tensor(xs, dtype=torch.float64)
 
     pi_t, radius = t(pi), t([math.log(e) for e in big_e])
-    dev = (pi_t * torch.expm1(radius) * (t(v) - c).abs()).sum()
-    weak = float(_centred(pi_t, torch.expm1(radius), radius, dev, torch.tensor(0.0, dtype=torch.float64)))
-    full = float(_centred(pi_t, torch.expm1(radius), radius, dev, torch.tensor(shift, dtype=torch.float64)))
+    ratios = _ratios(pi_t, radius)
+    dev = (ratios.pi_up * (t(v) - c).abs()).sum()
+    weak = float(_centred(ratios, dev, torch.tensor(0.0, dtype=torch.float64)))
+    full = float(_centred(ratios, dev, torch.tensor(shift, dtype=torch.float64)))
     assert weak < actual <= full, (weak, actual, full)
     return r, (
         f"pi={pi}, e^delta={u}, e^R={big_e}, v - c={[w - c for w in v]}: |sum (p - pi)(v - c)| = {actual:.6g} "

@@ -84,7 +84,7 @@ def test_the_centred_key_form_dominates_the_exact_difference(problem, centre) ->
     """certkv.attention._centred >= |sum (p - pibar)(v - c)| computed in 60 digits, for p proportional to
     pibar e^delta with |delta| <= radius (pibar the masses normalised exactly), its inputs computed as
     certified_step computes them (pi normalised in float64)."""
-    from certkv.attention import _centred
+    from certkv.attention import _centred, _ratios
     from certkv.rounding import U64, gamma
 
     mass, radius, frac, v = (torch.tensor(x, dtype=torch.float64) for x in problem)
@@ -99,9 +99,9 @@ def test_the_centred_key_form_dominates_the_exact_difference(problem, centre) ->
         a * b for a, b in zip(w, x, strict=True)
     )
     exact = abs(moved - mpmath.fsum(a * e for a, e in zip(w, d, strict=True)) / mpmath.fsum(w))
-    up = torch.expm1(radius)
+    ratios = _ratios(pi, radius)
     diff = v - centre
-    deviation = torch.matmul(pi * up, diff.abs())
+    deviation = torch.matmul(ratios.pi_up, diff.abs())
     shift = torch.matmul(pi, diff).abs() + gamma(n + 4, U64) * torch.matmul(pi, diff.abs())
-    bound = float(_centred(pi, up, radius, deviation, shift))
+    bound = float(_centred(ratios, deviation, shift))
     assert exact <= bound, (float(exact), bound)

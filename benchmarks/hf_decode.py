@@ -78,9 +78,11 @@ def timed_phases(table: dict[str, list[float]]) -> Iterator[None]:
 
 
 def decode(
-    model: Any, ids: torch.Tensor, method: str, new: int, prof: cProfile.Profile | None = None
+    model: Any, ids: torch.Tensor, method: str, new: int, prof: cProfile.Profile | None = None, config: Any = None
 ) -> dict[str, Any]:
-    cfg = method_config(method, model.config)
+    """Greedy-decode ``new`` tokens after ``ids`` with ``method``'s cache (``config``: a CertConfig to
+    use instead of the method's own); tokens/s and, for certkv, the cache's stage counts."""
+    cfg = method_config(method, model.config) if config is None else config
     cache = DynamicCache(config=model.config) if cfg is None else CertifiedCache(model.config, cfg)
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from certkv.hf import LayerStats, register
 
 SETTINGS: dict[str, dict[str, int]] = {
     "default": {},
+    "no_promotion": {"promote_budget": 0},
     "promote_after_1": {"promote_after": 1},
     "promote_after_1_budget_1024": {"promote_after": 1, "promote_budget": 1024},
     "window_512": {"window": 512},

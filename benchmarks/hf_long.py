@@ -6,7 +6,8 @@ For each context and setting (``SETTINGS``: the default ``certified`` config and
 ``promote_after``, ``promote_budget`` and ``window``), decodes ``--new`` tokens twice (the first warms
 and compiles) and reports, from the second: tokens/s, the stage counts, the stage shares in windows
 of 64 decoded tokens, Tier-1/FP16, and the distance from the sequence's end of every row stage 2
-fetched (quantiles and shares below 256-2048 tokens).
+fetched (quantiles and shares below 256-2048 tokens). The second run is recorded (``Recorder``: a
+bincount per layer-step, and a device sync per stage-2 call), which its tokens/s include.
 
     PYTHONPATH=. python benchmarks/hf_long.py --out benchmarks/results
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -55,10 +57,11 @@ class Recorder:
             self.steps.append(torch.bincount(res.certificate.stage.flatten(), minlength=4).tolist())
             add(stats, res)
 
-        def record_stage2(*args: Any) -> Any:
-            served = stage2(*args)
+        def record_stage2(*args: Any, **kwargs: Any) -> Any:
+            served = stage2(*args, **kwargs)
             if served is not None:
-                t1, n_sink, chosen = args[1], args[9], served[2]
+                bound = inspect.signature(stage2).bind(*args, **kwargs).arguments
+                t1, n_sink, chosen = bound["t1"], bound["n_sink"], served[2]
                 n_total = n_sink + chosen.shape[-1] + t1.win_k.shape[2]
                 _, _, i = chosen.nonzero(as_tuple=True)
                 self.distances.extend((n_total - (i + n_sink)).tolist())

@@ -52,6 +52,7 @@ class Recorder:
 
     def __enter__(self) -> Recorder:
         add, stage2 = self._add, self._stage2
+        signature = inspect.signature(stage2)
 
         def record_add(stats: LayerStats, res: Any) -> None:
             self.steps.append(torch.bincount(res.certificate.stage.flatten(), minlength=4).tolist())
@@ -60,7 +61,7 @@ class Recorder:
         def record_stage2(*args: Any, **kwargs: Any) -> Any:
             served = stage2(*args, **kwargs)
             if served is not None:
-                bound = inspect.signature(stage2).bind(*args, **kwargs).arguments
+                bound = signature.bind(*args, **kwargs).arguments
                 t1, n_sink, chosen = bound["t1"], bound["n_sink"], served[2]
                 n_total = n_sink + chosen.shape[-1] + t1.win_k.shape[2]
                 _, _, i = chosen.nonzero(as_tuple=True)

@@ -1,13 +1,15 @@
 """Long greedy decodes through transformers with certkv's cache: does the share of head-steps that need
 Tier-2 fall as decoding goes on (adaptive precision promotes tokens fetched ``promote_after`` times),
-where do the fetched tokens lie, and what do the promotion and FP16-window settings change?
+where do the fetched tokens lie, and what do the promotion, FP16-window and fetch-cap settings change?
 
 For each context and setting (``SETTINGS``: the default ``certified`` config and variants of
-``promote_after``, ``promote_budget`` and ``window``), decodes ``--new`` tokens twice (the first warms
-and compiles) and reports, from the second: tokens/s, the stage counts, the stage shares in windows
-of 64 decoded tokens, Tier-1/FP16, and the distance from the sequence's end of every row stage 2
-fetched (quantiles and shares below 256-2048 tokens). The second run is recorded (``Recorder``: a
-bincount per layer-step, and a device sync per stage-2 call), which its tokens/s include.
+``promote_after``, ``promote_budget``, ``window`` and ``fetch_fraction``), decodes ``--new`` tokens
+twice (the first warms and compiles) and reports, from the second: tokens/s, the stage counts, the
+stage shares in windows of 64 decoded tokens, Tier-1/FP16, the distance from the sequence's end of
+every row stage 2 fetched (quantiles and shares below 256-2048 tokens), and how many of the heads that
+fetched took as many rows as ``fetch_fraction`` allows (the cap, not the target share, decided those).
+The second run is recorded (``Recorder``: a bincount per layer-step, and a device sync per stage-2
+call), which its tokens/s include.
 
     PYTHONPATH=. python benchmarks/hf_long.py --out benchmarks/results
 """
@@ -29,25 +31,31 @@ import certkv.kernel_ladder as kernel_ladder
 from certkv.codec import TextCodec
 from certkv.evaluate import method_config
 from certkv.hf import LayerStats, register
+from certkv.ladder import fetch_cap
 
-SETTINGS: dict[str, dict[str, int]] = {
+SETTINGS: dict[str, dict[str, float]] = {
     "default": {},
     "no_promotion": {"promote_budget": 0},
     "promote_after_1": {"promote_after": 1},
     "promote_after_1_budget_1024": {"promote_after": 1, "promote_budget": 1024},
     "window_512": {"window": 512},
     "window_1024": {"window": 1024},
+    "fetch_0.1": {"fetch_fraction": 0.1},
+    "fetch_0.5": {"fetch_fraction": 0.5},
+    "fetch_1.0": {"fetch_fraction": 1.0},
 }
 WINDOW = 64  # decoded tokens per share window
 
 
 class Recorder:
     """Wraps ``LayerStats.add`` (each layer-step's stage counts) and ``kernel_ladder.stage2`` (the rows it
-    fetched, as distances from the sequence's end) while installed."""
+    fetched, as distances from the sequence's end, and per fetching head whether it hit the cap) while
+    installed."""
 
     def __init__(self) -> None:
         self.steps: list[list[int]] = []
         self.distances: list[int] = []
+        self.heads = [0, 0]  # heads that fetched, of them at the cap
         self._add, self._stage2 = LayerStats.add, kernel_ladder.stage2
 
     def __enter__(self) -> Recorder:
@@ -66,6 +74,10 @@ class Recorder:
                 n_total = n_sink + chosen.shape[-1] + t1.win_k.shape[2]
                 _, _, i = chosen.nonzero(as_tuple=True)
                 self.distances.extend((n_total - (i + n_sink)).tolist())
+                counts = chosen.sum(-1)
+                counts = counts[counts > 0]
+                self.heads[0] += len(counts)
+                self.heads[1] += int((counts >= fetch_cap(bound["cfg"], n_total)).sum())
             return served
 
         LayerStats.add, kernel_ladder.stage2 = record_add, record_stage2  # type: ignore[method-assign]
@@ -82,6 +94,7 @@ def summarise(rec: Recorder, layers: int) -> dict[str, Any]:
         tot = per_token[lo : lo + WINDOW].sum(0).double()
         shares.append([round(float(s), 3) for s in tot / tot.sum()])
     row: dict[str, Any] = {"stage_shares_per_64_tokens": shares, "fetched_rows": len(rec.distances)}
+    row["fetching_heads"], row["fetching_heads_at_cap"] = rec.heads
     if rec.distances:
         d = torch.tensor(rec.distances, dtype=torch.float64)
         q = torch.quantile(d, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))

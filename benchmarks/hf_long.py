@@ -55,7 +55,8 @@ class Recorder:
     def __init__(self) -> None:
         self.steps: list[list[int]] = []
         self.distances: list[int] = []
-        self.heads = [0, 0]  # heads that fetched, of them at the cap
+        self.fetching_heads = 0  # (row, KV head) pairs that fetched in a stage-2 call
+        self.at_cap = 0  # of them, those that fetched all the rows fetch_fraction allows
         self._add, self._stage2 = LayerStats.add, kernel_ladder.stage2
 
     def __enter__(self) -> Recorder:
@@ -76,8 +77,8 @@ class Recorder:
                 self.distances.extend((n_total - (i + n_sink)).tolist())
                 counts = chosen.sum(-1)
                 counts = counts[counts > 0]
-                self.heads[0] += len(counts)
-                self.heads[1] += int((counts >= fetch_cap(bound["cfg"], n_total)).sum())
+                self.fetching_heads += len(counts)
+                self.at_cap += int((counts >= fetch_cap(bound["cfg"], n_total)).sum())
             return served
 
         LayerStats.add, kernel_ladder.stage2 = record_add, record_stage2  # type: ignore[method-assign]
@@ -94,7 +95,7 @@ def summarise(rec: Recorder, layers: int) -> dict[str, Any]:
         tot = per_token[lo : lo + WINDOW].sum(0).double()
         shares.append([round(float(s), 3) for s in tot / tot.sum()])
     row: dict[str, Any] = {"stage_shares_per_64_tokens": shares, "fetched_rows": len(rec.distances)}
-    row["fetching_heads"], row["fetching_heads_at_cap"] = rec.heads
+    row["fetching_heads"], row["fetching_heads_at_cap"] = rec.fetching_heads, rec.at_cap
     if rec.distances:
         d = torch.tensor(rec.distances, dtype=torch.float64)
         q = torch.quantile(d, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
